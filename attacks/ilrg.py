@@ -1,0 +1,158 @@
+"""iLRG: instance-wise Batch Label Restoration from Gradients (Ma et al., ICLR 2023).
+
+For the last layer z = W e + b and the mean cross-entropy over K samples,
+grad_b = (1/K) sum_n (p_n - y_n) and grad_W = (1/K) sum_n (p_n - y_n) e_n^T.
+If all samples of class c share one embedding, grad_W[c] / grad_b[c] is that
+embedding; its softmax p_c then stands in for every sample of the class, and
+the bias gradient becomes linear in the unknown counts k:
+
+    sum_j k_j p_j[i] - k_i = K grad_b[i]   for every class i,     sum_j k_j = K.
+
+Everything below is one tensor expression over the C classes; the only solve is
+a (C+1) x C least-squares problem.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attacks.observation import Restoration, SharedGradients
+from attacks.registry import register_attack
+
+
+def class_embeddings(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e_c = grad_W[c] / grad_b[c] in float64, and which classes allow it.
+
+    A class whose bias gradient is exactly zero or whose gradient row is not
+    finite carries no usable embedding; its row is set to zero and it is
+    reported as unusable instead of producing inf/nan. Float32 gradients divide
+    safely in float64: the largest quotient (3e38 / 1e-45) is far from overflow,
+    so no rescaling tricks are needed.
+    """
+    weight_grad = weight_grad.to(torch.float64)
+    bias_grad = bias_grad.to(torch.float64)
+    usable = torch.isfinite(bias_grad) & torch.isfinite(weight_grad).all(dim=1) & (bias_grad != 0)
+    safe_bias = torch.where(usable, bias_grad, torch.ones_like(bias_grad))
+    embeddings = torch.where(usable[:, None], weight_grad / safe_bias[:, None], 0.0)
+    return embeddings, usable
+
+
+def class_probabilities(
+    embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """Row c is p_c = softmax(alpha * (W e_c + b)): the model's output for class c's embedding."""
+    logits = embeddings @ weight.to(torch.float64).T + bias.to(torch.float64)
+    return torch.softmax(alpha * logits, dim=1)
+
+
+def solve_counts(
+    probabilities: torch.Tensor,
+    bias_grad: torch.Tensor,
+    num_images: int,
+    unknowns: torch.Tensor,
+    equations: torch.Tensor,
+) -> torch.Tensor:
+    """Least-squares counts k (float64, length C, zero outside ``unknowns``).
+
+    ``probabilities[j]`` is p_j; the system has one row per class in
+    ``equations`` plus the row sum_j k_j = K, and one column per class in
+    ``unknowns``.
+    """
+    num_classes = probabilities.shape[0]
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=probabilities.device)
+    if not bool(unknowns.any()) or not bool(equations.any()):
+        return counts
+    # A[i, j] = p_j[i] - [i == j]: sample mass of class j that lands on output i, minus its label.
+    system = probabilities.T - torch.eye(num_classes, dtype=torch.float64, device=probabilities.device)
+    system = system[equations][:, unknowns]
+    system = torch.cat([system, torch.ones_like(system[:1])], dim=0)
+    target = torch.cat(
+        [num_images * bias_grad.to(torch.float64)[equations], bias_grad.new_tensor([num_images], dtype=torch.float64)]
+    )
+    # Normal equations with a Cholesky solve: the system is tall and well conditioned
+    # (A ~ P^T - I), and this is several times faster than QR/SVD at C = 1000.
+    gram = system.T @ system
+    rhs = system.T @ target
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        solution = torch.cholesky_solve(rhs[:, None], factor)[:, 0]
+    else:  # rank deficient (e.g. two classes with identical p): fall back to a minimum-norm solve
+        solution = torch.linalg.lstsq(system.cpu(), target.cpu()[:, None], driver="gelsd").solution[:, 0]
+        solution = solution.to(probabilities.device)
+    counts[unknowns] = torch.nan_to_num(solution, nan=0.0, posinf=0.0, neginf=0.0)
+    return counts
+
+
+def round_counts(raw: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Negative -> 0, round, anything above K -> 0 (the paper's post-processing)."""
+    counts = torch.round(raw.clamp(min=0)).to(torch.long)
+    return torch.where(counts > num_images, torch.zeros_like(counts), counts)
+
+
+def adjust_to_total(
+    raw: torch.Tensor, counts: torch.Tensor, num_images: int, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Counts that sum exactly to K, changing the entries whose rounding moved them most.
+
+    If the rounded counts fall short, the ``eligible`` classes rounded down the
+    most gain one each (round-robin if more is missing than there are classes);
+    if they overshoot, the classes rounded up the most lose one each, never
+    below zero. With no eligible class the counts are returned unchanged.
+    """
+    adjusted = counts.clone()
+    if eligible is None:
+        eligible = torch.ones_like(counts, dtype=torch.bool)
+    # How far rounding moved each entry down (positive) or up (negative).
+    residual = raw.clamp(min=0).to(torch.float64) - adjusted.to(torch.float64)
+    missing = num_images - int(adjusted.sum())
+    candidates = torch.nonzero(eligible).flatten()
+    if missing > 0 and candidates.numel() > 0:
+        order = candidates[torch.argsort(residual[candidates], descending=True, stable=True)]
+        per_class, extra = divmod(missing, order.numel())
+        adjusted[order] += per_class
+        adjusted[order[:extra]] += 1
+    while missing < 0:
+        candidates = torch.nonzero(adjusted > 0).flatten()
+        order = candidates[torch.argsort(residual[candidates], stable=True)]
+        take = order[: min(-missing, order.numel())]
+        adjusted[take] -= 1
+        missing += take.numel()
+    return adjusted
+
+
+@register_attack("iLRG")
+class ILRG:
+    """Restores per-class counts; ``simplified`` uses the known present classes only."""
+
+    restores_counts = True
+
+    def __init__(self, alpha: float = 1.0, estimate: bool = False, simplified: bool = False):
+        self.alpha = alpha
+        self.estimate = estimate
+        self.simplified = simplified
+
+    @classmethod
+    def from_options(cls, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, **_):
+        return cls(alpha=alpha, estimate=estimate, simplified=simplified)
+
+    def __call__(self, shared: SharedGradients) -> Restoration:
+        num_classes = shared.num_classes
+        embeddings, usable = class_embeddings(shared.weight_grad, shared.bias_grad)
+        if self.estimate:
+            probabilities = torch.full(
+                (num_classes, num_classes), 1.0 / num_classes, dtype=torch.float64, device=embeddings.device
+            )
+        else:
+            probabilities = class_probabilities(embeddings, shared.weight, shared.bias, self.alpha)
+        equations = torch.isfinite(shared.bias_grad)
+        unknowns = usable
+        if self.simplified:
+            if shared.known_classes is None:
+                raise ValueError("simplified iLRG needs the known present classes")
+            known = shared.known_classes.to(device=usable.device, dtype=torch.bool)
+            unknowns = unknowns & known
+            equations = equations & known
+        raw = solve_counts(probabilities, shared.bias_grad, shared.num_images, unknowns, equations)
+        counts = round_counts(raw, shared.num_images)
+        adjusted = adjust_to_total(raw, counts, shared.num_images, eligible=unknowns)
+        return Restoration.from_counts(counts, adjusted, undetermined=~usable)

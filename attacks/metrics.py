@@ -1,0 +1,84 @@
+"""Label-restoration accuracy as torchmetrics ``Metric``s.
+
+Each metric scores one batch over its C classes, then averages the per-batch
+scores: the states are a sum of scores and a count of batches, both summed
+across processes, so the result is right under DDP and resets per stage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class _PerBatchMean(Metric):
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("batches", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def batch_scores(self, restored: torch.Tensor, true_counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, restored: torch.Tensor, true_counts: torch.Tensor) -> None:
+        """``restored``: counts (or a presence mask), ``true_counts``: counts; (C,) or (batches, C)."""
+        restored = torch.atleast_2d(restored)
+        true_counts = torch.atleast_2d(true_counts).to(restored.device)
+        if restored.shape != true_counts.shape:
+            raise ValueError(f"restored {tuple(restored.shape)} and true {tuple(true_counts.shape)} differ in shape")
+        scores = self.batch_scores(restored, true_counts).to(torch.float64)
+        defined = ~torch.isnan(scores)
+        self.score_sum += scores[defined].sum()
+        self.batches += defined.sum()
+
+    def compute(self) -> torch.Tensor:
+        if int(self.batches) == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.score_sum / self.batches
+
+
+class LabelExistenceAccuracy(_PerBatchMean):
+    """LeAcc: fraction of classes whose presence is restored correctly."""
+
+    def batch_scores(self, restored, true_counts):
+        return ((restored > 0) == (true_counts > 0)).double().mean(dim=-1)
+
+
+class LabelNumberAccuracy(_PerBatchMean):
+    """LnAcc: fraction of classes whose count is restored exactly.
+
+    ``present_only`` (the simplified setting) averages over the classes that are
+    in the batch instead of all C.
+    """
+
+    def __init__(self, present_only: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.present_only = present_only
+
+    def batch_scores(self, restored, true_counts):
+        correct = (restored.long() == true_counts.long()).double()
+        if not self.present_only:
+            return correct.mean(dim=-1)
+        present = (true_counts > 0).double()
+        return (correct * present).sum(dim=-1) / present.sum(dim=-1)
+
+
+class InstanceRecall(_PerBatchMean):
+    """IRec: fraction of the K instances whose label is restored, sum_c min(k'_c, k_c) / K."""
+
+    def batch_scores(self, restored, true_counts):
+        hits = torch.minimum(restored.long(), true_counts.long()).sum(dim=-1).double()
+        return hits / true_counts.long().sum(dim=-1).double()
+
+
+def metric_set(restores_counts: bool, simplified: bool = False) -> dict[str, _PerBatchMean]:
+    """The metrics a method is scored with: LeAcc always, LnAcc and IRec when it gives counts."""
+    metrics: dict[str, _PerBatchMean] = {"LeAcc": LabelExistenceAccuracy()}
+    if restores_counts:
+        metrics["LnAcc"] = LabelNumberAccuracy(present_only=simplified)
+        metrics["IRec"] = InstanceRecall()
+    return metrics

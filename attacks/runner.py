@@ -1,0 +1,210 @@
+"""One attack experiment: ``num_tries`` batches, each attacked by every chosen method.
+
+``prepare`` checks every option and loads data and model before anything is
+written; ``run`` then draws the batches, lets the client compute its gradients,
+hands the attacks only what the server sees, and scores them against the true
+counts that stay on the client's side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from attacks import PRIOR_ATTACKS, build_attack, check_attack_name
+from attacks.gradients import batch_gradients, share
+from attacks.report import METRIC_NAMES, MethodScores, format_table
+from experiment.errors import UserError
+from experiment.runs import write_json_atomic
+
+log = logging.getLogger("attack")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM during a run: finished tries are kept, the run is marked incomplete."""
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    datamodule: object
+    dataset: object
+    model: torch.nn.Module
+    device: torch.device
+    attacks: dict[str, object]
+    num_classes: int
+    extras: dict = field(default_factory=dict)
+
+
+def method_names(args: argparse.Namespace) -> list[str]:
+    names = list(dict.fromkeys(args.attacks + (list(PRIOR_ATTACKS) if args.compare else [])))
+    for name in names:
+        check_attack_name(name)
+    return names
+
+
+def choose_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--accelerator {accelerator} asked for, but no CUDA device is available")
+        return torch.device("cuda")
+    if accelerator == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def network_options(args: argparse.Namespace) -> dict:
+    return {
+        "n_hidden": args.n_hidden,
+        "n_dim": args.n_dim,
+        "dropout": args.dropout,
+        "batchnorm": args.batchnorm,
+        "silu": args.silu,
+        "leaky_relu": args.leaky_relu,
+    }
+
+
+def build_victim(args: argparse.Namespace, num_classes: int, input_shape) -> torch.nn.Module:
+    """An untrained victim, seeded so the same command attacks the same weights."""
+    from lightning_modules.networks import build_network
+
+    torch.manual_seed(args.seed)
+    return build_network(args.model, num_classes, tuple(input_shape), **network_options(args))
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Check everything and load data and model; raises ``UserError`` and writes nothing."""
+    from datamodules import build_datamodule, dataset_info
+    from datamodules.composition import check_composition
+    from lightning_modules.networks import check_network_fits
+
+    names = method_names(args)
+    num_classes, input_shape, _ = dataset_info(args.dataset)
+    check_network_fits(args.model, tuple(input_shape), **network_options(args))
+    device = choose_device(args.accelerator)
+    datamodule = build_datamodule(
+        args.dataset, data_root=args.data_root, split=args.split, imagenet_dir=args.imagenet_dir, seed=args.seed
+    )
+    dataset = datamodule.dataset(args.split)
+    class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
+    check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
+    model = build_victim(args, num_classes, input_shape).to(device).eval()
+    options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
+    attacks = {name: build_attack(name, **options) for name in names}
+    return Setup(args, datamodule, dataset, model, device, attacks, num_classes)
+
+
+def load_chunks(setup: Setup, indices: torch.Tensor):
+    """The batch, loaded and moved one ``max_size`` chunk at a time to bound memory."""
+    step = setup.args.max_size or indices.numel()
+    for start in range(0, indices.numel(), step):
+        images, labels = setup.dataset.load(indices[start : start + step])
+        yield images.to(setup.device, non_blocking=True), labels.to(setup.device, non_blocking=True)
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run(setup: Setup, run_dir: Path, writer=None) -> dict:
+    """Attack ``num_tries`` batches; write results.json (also when interrupted) and return it."""
+    from datamodules.composition import class_counts, compose_batch
+
+    args = setup.args
+    generator = torch.Generator().manual_seed(args.seed)
+    scores = {name: MethodScores(attack.restores_counts, args.simplified) for name, attack in setup.attacks.items()}
+    tries: list[dict] = []
+    status = "complete"
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    progress = _progress(args)
+    try:
+        for index in range(args.num_tries):
+            indices = compose_batch(
+                setup.dataset.targets,
+                setup.num_classes,
+                args.num_images,
+                args.distribution,
+                generator,
+                num_target_cls=args.num_target_cls,
+                num_uniform_cls=args.num_uniform_cls,
+            )
+            true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(setup.device)
+            grads = batch_gradients(setup.model, load_chunks(setup, indices), args.num_images)
+            known = true_counts > 0 if args.simplified else None
+            shared = share(setup.model, grads, args.num_images, known_classes=known)
+            record = {"true_counts": true_counts.tolist(), "methods": {}}
+            for name, attack in setup.attacks.items():
+                started = time.perf_counter()
+                restoration = attack(shared)
+                if setup.device.type == "cuda":
+                    torch.cuda.synchronize()
+                scores[name].seconds.append(time.perf_counter() - started)
+                values = scores[name].update(restoration, true_counts, known)
+                record["methods"][name] = (
+                    {"counts": restoration.counts.tolist()}
+                    if restoration.counts is not None
+                    else {"present": torch.nonzero(restoration.present).flatten().tolist()}
+                )
+                if writer is not None:
+                    for metric, value in values.items():
+                        writer.add_scalar(f"{name}/{metric}", value, index)
+            tries.append(record)
+            log.debug("try %d: %s", index, {n: s.per_try for n, s in scores.items()})
+            progress.update(1)
+    except (KeyboardInterrupt, Interrupted) as err:
+        status = "incomplete"
+        log.warning("interrupted (%s) after %d of %d tries; results.json is marked incomplete", type(err).__name__, len(tries), args.num_tries)
+    finally:
+        progress.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    results = build_results(setup, scores, tries, status)
+    write_json_atomic(run_dir / "results.json", results)
+    if args.results:
+        write_json_atomic(args.results, results)
+    if writer is not None:
+        for method, summary in results["summary"].items():
+            for metric, value in summary.items():
+                writer.add_scalar(f"summary/{method}/{metric}", value, 0)
+        writer.flush()
+    log.info("\n%s", format_table(scores))
+    if status != "complete":
+        raise KeyboardInterrupt
+    return results
+
+
+def build_results(setup: Setup, scores: dict[str, MethodScores], tries: list[dict], status: str) -> dict:
+    summary, spread, seconds = {}, {}, {}
+    for method, score in scores.items():
+        means = score.summary()
+        summary[method] = {m: means[m] for m in METRIC_NAMES if m in means}
+        spread[method] = {m: v for m, v in score.spread().items()}
+        seconds[method] = sum(score.seconds) / max(len(score.seconds), 1)
+    return {
+        "status": status,
+        "tries_done": len(tries),
+        "config": vars(setup.args),
+        "data": {
+            "dataset": setup.args.dataset,
+            "synthetic": bool(setup.datamodule.is_synthetic),
+            "source": getattr(setup.dataset, "source", None),
+            "num_classes": setup.num_classes,
+        },
+        "device": str(setup.device),
+        "summary": summary,
+        "std": spread,
+        "seconds_per_try": seconds,
+        "tries": tries,
+    }
+
+
+def _progress(args: argparse.Namespace):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.num_tries, desc="tries", unit="try", disable=args.quiet, leave=False)

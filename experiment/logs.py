@@ -1,0 +1,35 @@
+"""A run's folder, its readable log and its TensorBoard writer."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+from experiment.runs import new_run_dir
+
+
+@contextmanager
+def open_run(log_dir: str, exp_name: str, logger_name: str):
+    """Create ``<log_dir>/<exp_name>/version_<n>``; log to ``run.log`` and the console; yield (dir, writer)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = new_run_dir(log_dir, exp_name)
+    logger = logging.getLogger(logger_name)
+    logger.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(run_dir / "run.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(file_handler)
+    logger.addHandler(console)
+    logger.propagate = False
+    writer = SummaryWriter(log_dir=str(run_dir))
+    logger.info("run folder: %s", run_dir)
+    try:
+        yield Path(run_dir), writer
+    finally:
+        writer.close()
+        for handler in (file_handler, console):
+            logger.removeHandler(handler)
+            handler.close()

@@ -1,0 +1,117 @@
+"""Command-line parsing shared by the entry points: one-line errors and ``--config`` YAML files.
+
+A config file holds option names as keys (the same names as the flags, without
+dashes); flags given on the command line win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiment.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+
+
+def _coerce(action: argparse.Action, key: str, value, source: str):
+    """Check and convert one config value the way the flag would have been."""
+    flag_only = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+    if flag_only:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    convert = action.type or (lambda v: v)
+    try:
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            values = value if isinstance(value, list) else [value]
+            value = [convert(v) for v in values]
+            chosen = value
+        else:
+            if isinstance(value, list | dict):
+                raise ValueError("expected a single value")
+            value = convert(value) if not (action.type is str and isinstance(value, str)) else value
+            chosen = [value]
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise UserError(f"{source}: bad value {value!r} for {key} ({err})") from None
+    if action.choices is not None:
+        bad = [v for v in chosen if v not in action.choices]
+        if bad:
+            valid = ", ".join(map(str, action.choices))
+            raise UserError(f"{source}: invalid {key} {bad[0]!r}; valid: {valid}")
+    return value
+
+
+def load_config(parser: argparse.ArgumentParser, path: str) -> dict:
+    import yaml  # only runs that use --config pay for it
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must map option names to values")
+    actions = _actions_by_dest(parser)
+    unknown = sorted(set(data) - set(actions))
+    if unknown:
+        raise UserError(f"config file {path}: unknown option {unknown[0]!r}; valid options: {', '.join(sorted(actions))}")
+    return {key: _coerce(actions[key], key, value, path) for key, value in data.items()}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the values of ``--config FILE`` as defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            parser.set_defaults(**load_config(parser, known.config))
+        except UserError as err:
+            parser.error(str(err))
+    return parser.parse_args(argv)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of option values (keys are the option names); command-line flags win",
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def percentage(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 100], got {text}")
+    return value
