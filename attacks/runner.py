@@ -12,6 +12,7 @@ import argparse
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,39 @@ class Interrupted(Exception):
 
 
 @dataclass
+class TryContext:
+    """Everything one try produced, for the extensions (analysis, reconstruction) to look at.
+
+    ``labels`` and ``true_counts`` are the client's secrets: extensions use them
+    only to score, never to attack.
+    """
+
+    index: int
+    indices: torch.Tensor
+    labels: torch.Tensor
+    true_counts: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    shared: object
+    restorations: dict[str, object]
+    load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class Extension:
+    """A per-try add-on to the experiment. ``key`` names its part of results.json."""
+
+    key = "extension"
+
+    def on_try(self, ctx: TryContext) -> dict | None:
+        return None
+
+    def summary(self) -> dict:
+        return {}
+
+    def table(self) -> str | None:
+        return None
+
+
+@dataclass
 class Setup:
     args: argparse.Namespace
     datamodule: object
@@ -39,7 +73,11 @@ class Setup:
     device: torch.device
     attacks: dict[str, object]
     num_classes: int
-    extras: dict = field(default_factory=dict)
+    #: client-side transform of the gradients before they are shared (a defense), or None
+    defense: Callable | None = None
+    extensions: list[Extension] = field(default_factory=list)
+    #: what results.json should say about the victim and the defense
+    describe: dict = field(default_factory=dict)
 
 
 def method_names(args: argparse.Namespace) -> list[str]:
@@ -136,12 +174,15 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             )
             true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(setup.device)
             grads = batch_gradients(setup.model, load_chunks(setup, indices), args.num_images)
+            if setup.defense is not None:
+                grads = setup.defense(grads, setup.model, lambda indices=indices: load_chunks(setup, indices))
             known = true_counts > 0 if args.simplified else None
             shared = share(setup.model, grads, args.num_images, known_classes=known)
             record = {"true_counts": true_counts.tolist(), "methods": {}}
+            restorations = {}
             for name, attack in setup.attacks.items():
                 started = time.perf_counter()
-                restoration = attack(shared)
+                restoration = restorations[name] = attack(shared)
                 if setup.device.type == "cuda":
                     torch.cuda.synchronize()
                 scores[name].seconds.append(time.perf_counter() - started)
@@ -154,6 +195,21 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                 if writer is not None:
                     for metric, value in values.items():
                         writer.add_scalar(f"{name}/{metric}", value, index)
+            if setup.extensions:
+                ctx = TryContext(
+                    index=index,
+                    indices=indices,
+                    labels=setup.dataset.targets[indices].to(setup.device),
+                    true_counts=true_counts,
+                    grads=grads,
+                    shared=shared,
+                    restorations=restorations,
+                    load_chunks=lambda indices=indices: load_chunks(setup, indices),
+                )
+                for extension in setup.extensions:
+                    entry = extension.on_try(ctx)
+                    if entry is not None:
+                        record[extension.key] = entry
             tries.append(record)
             log.debug("try %d: %s", index, {n: s.per_try for n, s in scores.items()})
             progress.update(1)
@@ -174,6 +230,10 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                 writer.add_scalar(f"summary/{method}/{metric}", value, 0)
         writer.flush()
     log.info("\n%s", format_table(scores))
+    for extension in setup.extensions:
+        text = extension.table()
+        if text:
+            log.info("\n%s", text)
     if status != "complete":
         raise KeyboardInterrupt
     return results
@@ -197,10 +257,12 @@ def build_results(setup: Setup, scores: dict[str, MethodScores], tries: list[dic
             "num_classes": setup.num_classes,
         },
         "device": str(setup.device),
+        **setup.describe,
         "summary": summary,
         "std": spread,
         "seconds_per_try": seconds,
         "tries": tries,
+        **{extension.key: extension.summary() for extension in setup.extensions},
     }
 
 
