@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiment.options import OneLineParser, add_config_argument, positive_int
+from experiment.options import OneLineParser, add_config_argument, non_negative_float, positive_int
 
 DEFAULT_DATASET = "SYNTH_MNIST"
 
@@ -65,4 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--simplified", action="store_true", help="iLRG given the present classes (LeAcc = 1 by definition)")
     attack.add_argument("--estimate", action="store_true", help="iLRG with p = 1/C instead of the restored probabilities")
     attack.add_argument("--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits")
+    attack.add_argument(
+        "--norm_guard",
+        type=non_negative_float,
+        default=3.0,
+        help="iLRG: a class whose restored embedding is this many times the median norm gets the mean "
+        "probability row instead (its bias gradient is near zero); 0 = the paper's method as published",
+    )
     return parser

@@ -133,7 +133,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
     model = build_victim(args, num_classes, input_shape).to(device).eval()
-    options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
+    options = {
+        "alpha": args.alpha,
+        "estimate": args.estimate,
+        "simplified": args.simplified,
+        "norm_guard": args.norm_guard,
+        "seed": args.seed,
+    }
     attacks = {name: build_attack(name, **options) for name in names}
     return Setup(args, datamodule, dataset, model, device, attacks, num_classes)
 
