@@ -123,6 +123,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     from lightning_modules.networks import check_network_fits
 
     names = method_names(args)
+    if args.devices != 1:
+        raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
     device = choose_device(args.accelerator)
