@@ -167,6 +167,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     scores = {name: MethodScores(attack.restores_counts, args.simplified) for name, attack in setup.attacks.items()}
     tries: list[dict] = []
     status = "complete"
+    failure = None
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = _progress(args)
     try:
@@ -187,6 +188,10 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             known = true_counts > 0 if args.simplified else None
             shared = share(setup.model, grads, args.num_images, known_classes=known)
             record = {"true_counts": true_counts.tolist(), "methods": {}}
+            if not all(bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)):
+                # A diverged model or an extreme defense: the attacks still answer (their
+                # documented fallbacks), and the run reports how many tries this hit.
+                record["nonfinite_gradients"] = True
             restorations = {}
             for name, attack in setup.attacks.items():
                 started = time.perf_counter()
@@ -224,11 +229,17 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     except (KeyboardInterrupt, Interrupted) as err:
         status = "incomplete"
         log.warning("interrupted (%s) after %d of %d tries; results.json is marked incomplete", type(err).__name__, len(tries), args.num_tries)
+    except UserError as err:
+        # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
+        status = "failed"
+        failure = str(err)
     finally:
         progress.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     results = build_results(setup, scores, tries, status)
+    if failure is not None:
+        results["error"] = failure
     write_json_atomic(run_dir / "results.json", results)
     if args.results:
         write_json_atomic(args.results, results)
@@ -242,6 +253,11 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         text = extension.table()
         if text:
             log.info("\n%s", text)
+    affected = results["nonfinite_tries"]
+    if affected:
+        log.warning("%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(tries))
+    if failure is not None:
+        raise UserError(failure)
     if status != "complete":
         raise KeyboardInterrupt
     return results
@@ -257,6 +273,7 @@ def build_results(setup: Setup, scores: dict[str, MethodScores], tries: list[dic
     return {
         "status": status,
         "tries_done": len(tries),
+        "nonfinite_tries": sum(1 for t in tries if t.get("nonfinite_gradients")),
         "config": vars(setup.args),
         "data": {
             "dataset": setup.args.dataset,
