@@ -75,14 +75,14 @@ class StageCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self.every and trainer.global_step == 0 and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.format_checkpoint_name({}))
+            trainer.save_checkpoint(self.format_checkpoint_name({}), weights_only=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         final = self.format_checkpoint_name({})
         # ``best_model_path`` is the last checkpoint saved (every one is kept), also after a resume.
         if not trainer.fast_dev_run and self.best_model_path != final:
-            trainer.save_checkpoint(final)
+            trainer.save_checkpoint(final, weights_only=False)
             self.best_model_path = final
 
 
