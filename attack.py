@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiment.logs import open_run
 
     try:
+        stages.check_given_options(sys.argv[1:] if argv is None else argv, args)
         setup = stages.prepare_sweep(args) if args.checkpoints else runner.prepare(args)
     except UserError as err:
         print(f"attack.py: error: {err}", file=sys.stderr)

@@ -135,7 +135,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     dataset = datamodule.dataset(args.split)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
-    model = (trained.network if trained else build_victim(args, num_classes, input_shape)).to(device).eval()
+    network = trained.network if trained else build_victim(args, num_classes, input_shape)
+    model = network.to(device).eval()
     options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
     attacks = {name: build_attack(name, **options) for name in names}
     describe = trained.describe() if trained else {}

@@ -29,7 +29,16 @@ from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_M
 log = logging.getLogger("attack")
 
 #: attack.py options that a checkpoint decides, and the hyperparameter that holds each
-CHECKPOINT_OPTIONS = ("dataset", "model", "n_hidden", "n_dim", "batchnorm", "dropout", "silu", "leaky_relu")
+CHECKPOINT_OPTIONS = (
+    "dataset",
+    "model",
+    "n_hidden",
+    "n_dim",
+    "batchnorm",
+    "dropout",
+    "silu",
+    "leaky_relu",
+)
 UNIT_LABELS = {"epoch": "Epoch", "iteration": "Iter"}
 
 
@@ -50,10 +59,26 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         help="attack every matching stage with the same batches; writes stages.json and stages.png "
         "in the run folder (and stages.json to --results)",
     )
-    group.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="with --trained_model: epochs trained")
-    group.add_argument("--iter_train", action="store_true", help="with --trained_model: the stage counts iterations (--iters)")
-    group.add_argument("--iters", type=positive_int, default=DEFAULT_ITERS, help="with --trained_model --iter_train: iterations trained")
-    group.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="folder of train.py's checkpoints")
+    group.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=DEFAULT_EPOCHS,
+        help="with --trained_model: epochs trained",
+    )
+    group.add_argument(
+        "--iter_train",
+        action="store_true",
+        help="with --trained_model: the stage counts iterations (--iters)",
+    )
+    group.add_argument(
+        "--iters",
+        type=positive_int,
+        default=DEFAULT_ITERS,
+        help="with --trained_model --iter_train: iterations trained",
+    )
+    group.add_argument(
+        "--model_path", default=DEFAULT_MODEL_PATH, help="folder of train.py's checkpoints"
+    )
 
 
 # --- one trained victim ------------------------------------------------------------------
@@ -76,7 +101,15 @@ class TrainedVictim:
                 "trained_on": self.hparams.get("dataset"),
                 "training": {
                     key: self.hparams.get(key)
-                    for key in ("optimizer", "lr", "weight_decay", "scheduler", "warmup", "schedule_unit", "schedule_length")
+                    for key in (
+                        "optimizer",
+                        "lr",
+                        "weight_decay",
+                        "scheduler",
+                        "warmup",
+                        "schedule_unit",
+                        "schedule_length",
+                    )
                 },
             }
         }
@@ -90,7 +123,9 @@ def stage_path(args: argparse.Namespace) -> Path:
     return Path(args.model_path) / stage_checkpoint_name(args.model, args.dataset, unit, n)
 
 
-def train_command(args: argparse.Namespace, model: str, dataset: str, unit: str, n: int, model_path) -> str:
+def train_command(
+    args: argparse.Namespace, model: str, dataset: str, unit: str, n: int, model_path
+) -> str:
     """The ``train.py`` command that saves the checkpoint of (model, dataset, stage) in ``model_path``."""
     defaults = _parser_defaults()
     words = ["python", "train.py", "--dataset", dataset, "--model", model]
@@ -131,7 +166,9 @@ def resolve_victim(args: argparse.Namespace) -> tuple[argparse.Namespace, Traine
     if not args.trained_model and (
         args.iter_train or args.epochs != defaults["epochs"] or args.iters != defaults["iters"]
     ):
-        raise UserError("--epochs, --iters and --iter_train choose the stage of --trained_model; add --trained_model")
+        raise UserError(
+            "--epochs, --iters and --iter_train choose the stage of --trained_model; add --trained_model"
+        )
     if args.checkpoint:
         path = Path(args.checkpoint)
     elif args.trained_model:
@@ -140,7 +177,11 @@ def resolve_victim(args: argparse.Namespace) -> tuple[argparse.Namespace, Traine
         return args, None
     if not path.is_file():
         raise missing_checkpoint(args, path)
-    from lightning_modules.checkpoints import checkpoint_stage, classifier_from_checkpoint, read_checkpoint
+    from lightning_modules.checkpoints import (
+        checkpoint_stage,
+        classifier_from_checkpoint,
+        read_checkpoint,
+    )
 
     checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint["hyper_parameters"])
@@ -151,26 +192,80 @@ def resolve_victim(args: argparse.Namespace) -> tuple[argparse.Namespace, Traine
 
 
 def adopt_options(args: argparse.Namespace, hparams: dict, path) -> argparse.Namespace:
-    """``args`` with the checkpoint's network options; UserError where a set option disagrees."""
+    """``args`` with the checkpoint's network options; UserError where a set option disagrees.
+
+    Here an option counts as set when it differs from attack.py's default;
+    :func:`check_given_options` also catches a default value typed out on the command line.
+    """
     from datamodules import dataset_info
 
     defaults = _parser_defaults()
     adopted = dict(vars(args))
     for option in CHECKPOINT_OPTIONS:
         if option not in hparams:
-            raise CheckpointError(f"checkpoint {path} does not record {option!r}; it was not saved by train.py")
-        saved, given = hparams[option], getattr(args, option)
-        if given != defaults[option] and given != saved:
-            said = f"--{option}" if given is True else f"--{option} {given}"
-            raise UserError(f"{said} conflicts with the checkpoint {path} (which has {option} {_plain(saved)})")
-        adopted[option] = saved
+            raise CheckpointError(
+                f"checkpoint {path} does not record {option!r}; it was not saved by train.py"
+            )
+        if getattr(args, option) != defaults[option]:
+            check_agrees(option, getattr(args, option), hparams, path)
+        adopted[option] = hparams[option]
     num_classes, input_shape, _ = dataset_info(adopted["dataset"])
-    if hparams.get("num_classes") != num_classes or list(hparams.get("input_shape", [])) != list(input_shape):
+    if hparams.get("num_classes") != num_classes or list(hparams.get("input_shape", [])) != list(
+        input_shape
+    ):
         raise CheckpointError(
             f"checkpoint {path} has {hparams.get('num_classes')} classes of shape {hparams.get('input_shape')}, "
             f"but {adopted['dataset']} has {num_classes} of shape {list(input_shape)}"
         )
     return argparse.Namespace(**adopted)
+
+
+def check_agrees(option: str, given, hparams: dict, path) -> None:
+    saved = hparams.get(option)
+    if given != saved:
+        said = f"--{option}" if given is True else f"--{option} {given}"
+        raise UserError(
+            f"{said} conflicts with the checkpoint {path} (which has {option} {_plain(saved)})"
+        )
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The options set on the command line ``argv`` or in its ``--config`` file."""
+    from attacks.cli import build_parser
+    from experiment.options import load_config
+
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_known_args(argv)[0])
+    config = given.pop("config", None)
+    return set(given) | (set(load_config(build_parser(), config)) if config else set())
+
+
+def check_given_options(argv: list[str], args: argparse.Namespace) -> None:
+    """UserError where an option on the command line (or in --config) contradicts the checkpoint asked for.
+
+    Checked before :func:`resolve_victim` adopts the checkpoint's options, because
+    there an option typed out with its default value looks the same as one left out.
+    """
+    from lightning_modules.checkpoints import read_checkpoint
+
+    if args.checkpoints:
+        matches = sorted(glob.glob(args.checkpoints, recursive=True))
+        path = Path(matches[0]) if matches else None
+    elif args.checkpoint:
+        path = Path(args.checkpoint)
+    elif args.trained_model:
+        path = stage_path(args)
+    else:
+        return
+    if path is None or not path.is_file():
+        return  # preparing the run says what is missing
+    hparams = read_checkpoint(path)["hyper_parameters"]
+    given = given_options(argv)
+    for option in CHECKPOINT_OPTIONS:
+        if option in given:
+            check_agrees(option, getattr(args, option), hparams, path)
 
 
 def _plain(value) -> str:
@@ -213,7 +308,12 @@ class Sweep:
 
 def find_stages(pattern: str) -> list[Stage]:
     """The checkpoints matching ``pattern``, checked and sorted by stage; CheckpointError otherwise."""
-    from lightning_modules.checkpoints import NETWORK_KEYS, checkpoint_stage, classifier_from_checkpoint, read_checkpoint
+    from lightning_modules.checkpoints import (
+        NETWORK_KEYS,
+        checkpoint_stage,
+        classifier_from_checkpoint,
+        read_checkpoint,
+    )
 
     paths = sorted(glob.glob(pattern, recursive=True))
     if not paths:
@@ -236,7 +336,9 @@ def find_stages(pattern: str) -> list[Stage]:
         stages.append(Stage(Path(name), *checkpoint_stage(name, checkpoint)))
     units = sorted({stage.unit for stage in stages})
     if len(units) > 1:
-        raise CheckpointError(f"{pattern} matches both epoch and iteration stages; sweep one kind at a time")
+        raise CheckpointError(
+            f"{pattern} matches both epoch and iteration stages; sweep one kind at a time"
+        )
     stages.sort(key=lambda stage: stage.value)
     for before, after in zip(stages, stages[1:]):
         if before.value == after.value:
@@ -264,7 +366,11 @@ def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
     done: list[dict] = []
     try:
         for stage in sweep.stages:
-            setup = sweep.first if stage is sweep.stages[0] else runner.prepare(stage_args(sweep.args, stage))
+            setup = (
+                sweep.first
+                if stage is sweep.stages[0]
+                else runner.prepare(stage_args(sweep.args, stage))
+            )
             log.info("stage %s: %s", stage.label, stage.path)
             results = runner.run(setup, run_dir / stage.label, writer=None)
             done.append(stage_record(stage, results, run_dir))
@@ -346,7 +452,11 @@ def plot_stages(summary: dict, path: Path) -> Path:
     from attacks.report import METRIC_NAMES
 
     records = summary["results"]
-    metrics = [m for m in METRIC_NAMES if any(m in means for r in records for means in r["summary"].values())]
+    metrics = [
+        m
+        for m in METRIC_NAMES
+        if any(m in means for r in records for means in r["summary"].values())
+    ]
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         # One colour per method across panels, also where a method lacks a metric.
@@ -364,7 +474,9 @@ def plot_stages(summary: dict, path: Path) -> Path:
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
     figure.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize="small")
-    figure.suptitle(f"{summary['model']} on {summary['data']['dataset']}: label restoration over training")
+    figure.suptitle(
+        f"{summary['model']} on {summary['data']['dataset']}: label restoration over training"
+    )
     figure.tight_layout(rect=(0, 0, 0.9, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -182,7 +182,8 @@ class EpochShuffle(RandomSampler):
 
     def __iter__(self):
         # One seed per epoch drawn from the run's seed, so no two (seed, epoch) pairs share a stream.
-        seeds = torch.randint(2**62, (self.epoch + 1,), generator=torch.Generator().manual_seed(self.seed))
+        first = torch.Generator().manual_seed(self.seed)
+        seeds = torch.randint(2**62, (self.epoch + 1,), generator=first)
         generator = torch.Generator().manual_seed(int(seeds[-1]))
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from experiment.errors import CheckpointError, UserError
 
 STAGE_PATTERN = re.compile(r"_(?P<unit>Epoch|Iter)(?P<n>\d+)\.ckpt$")
 UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 #: the hyperparameters that decide the network's architecture (and the data it fits)
 NETWORK_KEYS = (
     "model",
@@ -39,19 +41,32 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A file that torch did not write draws pickle-protocol warnings; the error below says it all.
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = UNSAFE_GLOBAL.search(str(err))
-        if unsafe or "weights only load failed" in str(err).lower():
-            what = f"unsupported global {unsafe[1]}" if unsafe else _first_line(err)
+        if unsafe:
             raise CheckpointError(
-                f"checkpoint {path} refused: loading it would run code it brings along ({what})"
+                f"checkpoint {path} refused: loading it would run code it brings along (unsupported global {unsafe[1]})"
             ) from None
+        refused = WEIGHTS_ONLY_REASON.search(str(err))
+        reason = f"weights-only unpickler: {refused[1]}" if refused else _first_line(err)
         raise CheckpointError(
-            f"checkpoint {path} is not a torch checkpoint or is truncated ({_first_line(err)})"
+            f"checkpoint {path} is not a torch checkpoint or is truncated ({reason})"
         ) from None
     # What torch.load raises on a file that is not a (complete) checkpoint varies with the damage.
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+    except (
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as err:
         raise CheckpointError(
             f"checkpoint {path} is not a torch checkpoint or is truncated ({_first_line(err)})"
         ) from None
@@ -76,7 +91,9 @@ def classifier_from_checkpoint(checkpoint: dict, path="checkpoint"):
     except UserError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     except TypeError as err:
-        raise CheckpointError(f"checkpoint {path} has hyper_parameters this code does not know ({err})") from None
+        raise CheckpointError(
+            f"checkpoint {path} has hyper_parameters this code does not know ({err})"
+        ) from None
     try:
         classifier.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
@@ -102,8 +119,6 @@ def checkpoint_stage(path, checkpoint: dict | None = None) -> tuple[str, int]:
     if checkpoint is None:
         checkpoint = read_checkpoint(path)
     return "iteration", int(checkpoint.get("global_step", 0))
-
-
 
 
 def stage_checkpoint_name(model: str, dataset: str, unit: str, n: int) -> str:

@@ -115,7 +115,9 @@ class VictimClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.val_acc(logits, labels)
-        self.log("val/loss", self.loss(logits, labels), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(
+            "val/loss", self.loss(logits, labels), on_epoch=True, prog_bar=True, sync_dist=True
+        )
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self):

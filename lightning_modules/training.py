@@ -35,7 +35,9 @@ def final_stage(args: argparse.Namespace) -> int:
 def stage_checkpoint_path(args: argparse.Namespace, n: int | None = None) -> Path:
     """The checkpoint of stage ``n`` (default: the end of training) of the run ``args`` describes."""
     n = final_stage(args) if n is None else n
-    return Path(args.model_path) / stage_checkpoint_name(args.model, args.dataset, stage_unit(args), n)
+    return Path(args.model_path) / stage_checkpoint_name(
+        args.model, args.dataset, stage_unit(args), n
+    )
 
 
 class StageCheckpoint(ModelCheckpoint):
@@ -69,7 +71,9 @@ class StageCheckpoint(ModelCheckpoint):
         return trainer.fit_loop.epoch_progress.current.processed
 
     def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None) -> str:
-        name = stage_checkpoint_name(self.model_name, self.dataset_name, self.unit, self.stage(self._trainer))
+        name = stage_checkpoint_name(
+            self.model_name, self.dataset_name, self.unit, self.stage(self._trainer)
+        )
         return os.path.join(self.dirpath, name)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,7 +122,9 @@ def classifier_hparams(args: argparse.Namespace, num_classes: int, input_shape) 
 
 def run_options(hparams: dict) -> dict:
     """The train.py options a classifier's hyperparameters stand for."""
-    options = {key: hparams.get(key) for key in ("dataset", "model", *NETWORK_OPTIONS, *TRAINING_OPTIONS)}
+    options = {
+        key: hparams.get(key) for key in ("dataset", "model", *NETWORK_OPTIONS, *TRAINING_OPTIONS)
+    }
     options["iter_train"] = hparams.get("schedule_unit") == "step"
     options["iters" if options["iter_train"] else "epochs"] = hparams.get("schedule_length")
     return options
@@ -128,11 +134,15 @@ def check_resume(path, hparams: dict) -> None:
     """Refuse to resume from a checkpoint that is unsafe, broken or of another run's options."""
     checkpoint = read_checkpoint(path)
     if "loops" not in checkpoint or "optimizer_states" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path} holds weights only; resuming needs the loop and optimizer state")
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only; resuming needs the loop and optimizer state"
+        )
     saved, wanted = run_options(checkpoint["hyper_parameters"]), run_options(hparams)
     different = [key for key in wanted if saved.get(key) != wanted[key]]
     if different:
-        pairs = ", ".join(f"--{key} {saved.get(key)} (this run: {wanted[key]})" for key in different)
+        pairs = ", ".join(
+            f"--{key} {saved.get(key)} (this run: {wanted[key]})" for key in different
+        )
         raise CheckpointError(f"--resume {path} was saved by a run with other options: {pairs}")
 
 
@@ -152,7 +162,9 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Tra
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    logger = TensorBoardLogger(save_dir=str(args.log_dir), name=args.exp_name, default_hp_metric=False)
+    logger = TensorBoardLogger(
+        save_dir=str(args.log_dir), name=args.exp_name, default_hp_metric=False
+    )
     try:
         return pl.Trainer(
             accelerator=args.accelerator,
@@ -180,7 +192,9 @@ def train(args: argparse.Namespace) -> list[Path]:
     from lightning_modules.networks import check_network_fits
 
     num_classes, input_shape, synthetic = dataset_info(args.dataset)
-    check_network_fits(args.model, tuple(input_shape), **{n: getattr(args, n) for n in NETWORK_OPTIONS})
+    check_network_fits(
+        args.model, tuple(input_shape), **{n: getattr(args, n) for n in NETWORK_OPTIONS}
+    )
     hparams = classifier_hparams(args, num_classes, input_shape)
     if args.resume:
         check_resume(args.resume, hparams)
@@ -189,6 +203,16 @@ def train(args: argparse.Namespace) -> list[Path]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     callbacks = leakage_callbacks(args)
+    earlier = [] if args.resume else saved_stages(args)
+    if earlier:
+        log.warning(
+            "%s already holds %d %s checkpoint(s) of %s on %s; this run replaces those of the stages it saves",
+            args.model_path,
+            len(earlier),
+            stage_unit(args),
+            args.model,
+            args.dataset,
+        )
     unit = stage_unit(args)
     every = (args.iter_interval if args.iter_train else args.epoch_interval) if args.mid_save else 0
     checkpoint = StageCheckpoint(args.model_path, args.model, args.dataset, unit, every)
