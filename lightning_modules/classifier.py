@@ -107,7 +107,7 @@ class VictimClassifier(pl.LightningModule):
         logits = self(images)
         loss = self.loss(logits, labels)
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 

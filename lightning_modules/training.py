@@ -223,7 +223,7 @@ def train(args: argparse.Namespace) -> list[Path]:
     classifier = VictimClassifier(**hparams)
     # weights_only: resuming never runs code that a checkpoint file brings along.
     trainer.fit(classifier, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
-    return saved_stages(args)
+    return saved_stages(args) if trainer.is_global_zero else []
 
 
 def saved_stages(args: argparse.Namespace) -> list[Path]:

@@ -265,6 +265,45 @@ def test_dryrun_runs_one_batch_and_writes_nothing(tmp_path):
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
+@pytest.mark.slow
+def test_cpu_ddp_saves_the_same_stages(tmp_path):
+    """Two CPU processes (DDP over gloo): rank 0 writes every stage once."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
+    cmd += [
+        "--iter_train",
+        "--iters",
+        "4",
+        "--mid_save",
+        "--iter_interval",
+        "2",
+        "--batch_size",
+        "16",
+    ]
+    cmd += [
+        "--n_dim",
+        "32",
+        "--model_path",
+        str(tmp_path / "ckpt"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+        "--quiet",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == [f"dnn_SYNTH_MNIST_Iter{n}.ckpt" for n in (0, 2, 4)]
+    assert read_checkpoint(tmp_path / "ckpt" / names[-1])["global_step"] == 4
+
+
 # --- safe loading ----------------------------------------------------------------------------
 
 
@@ -303,7 +342,8 @@ def test_load_victim_maps_every_bad_file_to_one_line(tmp_path, good_checkpoint):
         tmp_path / "missing.ckpt": "not found",
         truncated: "is not a torch checkpoint or is truncated",
         text: "is not a torch checkpoint or is truncated",
-        unsafe: "refused: loading it would run code it brings along (unsupported global tests.test_training.Payload)",
+        unsafe: "refused: loading it would run code it brings along "
+        f"(unsupported global {Payload.__module__}.Payload)",
         bare: "has no hyper_parameters to rebuild its network from",
         other: "its weights do not fit a dnn with its own hyper_parameters (size mismatch for network.features.1.weight",
     }
