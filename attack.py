@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             (stages.run_sweep if args.checkpoints else runner.run)(setup, run_dir, writer)
         except KeyboardInterrupt:
             return 130
+        except UserError as err:
+            print(f"attack.py: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -155,7 +155,7 @@ def leakage_callbacks(args: argparse.Namespace) -> list[Callback]:
         raise UserError(
             "--attack_every_n_steps needs callbacks.LabelLeakageCallback, which this checkout does not have"
         ) from None
-    return [LabelLeakageCallback(every_n_steps=args.attack_every_n_steps)]
+    return [LabelLeakageCallback(attack_every_n_steps=args.attack_every_n_steps)]
 
 
 def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Trainer:
