@@ -16,7 +16,8 @@ STAGES = (0, 2, 4)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny training run on synthetic MNIST with checkpoints after 0, 2 and 4 iterations."""
+    """A tiny training run on synthetic MNIST with checkpoints after 0, 2 and 4 iterations,
+    attacked by the label-leakage callback every 2 steps."""
     root = tmp_path_factory.mktemp("stage_run")
     argv = [
         "--iter_train",
@@ -27,6 +28,8 @@ def run_dir(tmp_path_factory):
         "2",
         "--batch_size",
         "16",
+        "--attack_every_n_steps",
+        "2",
     ]
     argv += [
         "--n_dim",
@@ -134,6 +137,15 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
     assert [s.step for s in scalars] == list(STAGES)
     expected = [r["summary"]["iLRG"]["LnAcc"] for r in summary["results"]]
     assert [s.value for s in scalars] == pytest.approx(expected)
+
+
+def test_train_py_attaches_the_leakage_callback(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (version,) = (run_dir / "logs" / "train").iterdir()
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert [s.step for s in events.Scalars("leakage/iLRG/LeAcc")] == [0, 2]
 
 
 def test_trained_model_attacks_the_stage_checkpoint(run_dir, tmp_path, capsys):
