@@ -17,6 +17,7 @@ import argparse
 import glob
 import logging
 import math
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_M
 
 log = logging.getLogger("attack")
 
-#: attack.py options that a checkpoint decides, and the hyperparameter that holds each
+#: attack.py options that a checkpoint decides (its hyperparameters use the same names)
 CHECKPOINT_OPTIONS = (
     "dataset",
     "model",
@@ -40,6 +41,8 @@ CHECKPOINT_OPTIONS = (
     "leaky_relu",
 )
 UNIT_LABELS = {"epoch": "Epoch", "iteration": "Iter"}
+#: a ``--checkpoints`` pattern over the stages of one run, e.g. ``dnn_MNIST_GRAY_Iter*.ckpt``
+RUN_PATTERN = re.compile(r"(?P<model>[^_*?\[]+)_(?P<dataset>[^*?\[]+)_(?P<unit>Epoch|Iter)\*\.ckpt")
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +156,22 @@ def missing_checkpoint(args: argparse.Namespace, path: Path) -> CheckpointError:
             unit = "epoch" if match["unit"] == "Epoch" else "iteration"
             command = train_command(args, model, dataset, unit, int(match["n"]), path.parent)
             message += f"; make it with: {command}"
+    return CheckpointError(message)
+
+
+def missing_stages(args: argparse.Namespace) -> CheckpointError:
+    """No checkpoint matches ``--checkpoints``; where the pattern names a run, the command that saves it."""
+    from lightning_modules.networks import NETWORKS
+
+    message = f"no checkpoint matches {args.checkpoints}"
+    pattern = Path(args.checkpoints)
+    match = RUN_PATTERN.fullmatch(pattern.name)
+    if match and match["model"] in NETWORKS and "*" not in pattern.parent.as_posix():
+        unit, n = (
+            ("epoch", DEFAULT_EPOCHS) if match["unit"] == "Epoch" else ("iteration", DEFAULT_ITERS)
+        )
+        command = train_command(args, match["model"], match["dataset"], unit, n, pattern.parent)
+        message += f"; make the stages with: {command} --mid_save"
     return CheckpointError(message)
 
 
@@ -354,6 +373,8 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
     """Check every stage, the data and the options; raises UserError and writes nothing."""
     from attacks import runner
 
+    if not glob.glob(args.checkpoints, recursive=True):
+        raise missing_stages(args)
     stages = find_stages(args.checkpoints)
     first = runner.prepare(stage_args(args, stages[0]))
     return Sweep(args, stages, first)

@@ -194,6 +194,15 @@ def test_missing_checkpoint_names_the_train_command(tmp_path, capsys, monkeypatc
         "checkpoint runs/dnn_SYNTH_MNIST_Epoch10.ckpt not found; make it with: "
         "python train.py --dataset SYNTH_MNIST --model dnn --epochs 10 --model_path runs",
     )
+    code, _, err = attack_in_process(
+        tmp_path, capsys, "--checkpoints", "runs/dnn_MNIST_GRAY_Iter*.ckpt", "--data_root", "/data"
+    )
+    one_line_error(
+        code,
+        err,
+        "no checkpoint matches runs/dnn_MNIST_GRAY_Iter*.ckpt; make the stages with: python train.py "
+        "--dataset MNIST_GRAY --model dnn --iter_train --iters 1000 --model_path runs --data_root /data --mid_save",
+    )
     assert not (tmp_path / "logs").exists()
 
 
