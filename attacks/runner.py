@@ -118,10 +118,13 @@ def build_victim(args: argparse.Namespace, num_classes: int, input_shape) -> tor
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Check everything and load data and model; raises ``UserError`` and writes nothing."""
+    from attacks.stages import resolve_victim
     from datamodules import build_datamodule, dataset_info
     from datamodules.composition import check_composition
     from lightning_modules.networks import check_network_fits
 
+    # A trained victim brings its own dataset, model and network options.
+    args, trained = resolve_victim(args)
     names = method_names(args)
     if args.devices != 1:
         raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
@@ -134,7 +137,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     dataset = datamodule.dataset(args.split)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
-    model = build_victim(args, num_classes, input_shape).to(device).eval()
+    network = trained.network if trained else build_victim(args, num_classes, input_shape)
+    model = network.to(device).eval()
     options = {
         "alpha": args.alpha,
         "estimate": args.estimate,
@@ -143,7 +147,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         "seed": args.seed,
     }
     attacks = {name: build_attack(name, **options) for name in names}
-    return Setup(args, datamodule, dataset, model, device, attacks, num_classes)
+    describe = trained.describe() if trained else {}
+    return Setup(args, datamodule, dataset, model, device, attacks, num_classes, describe=describe)
 
 
 def load_chunks(setup: Setup, indices: torch.Tensor):
