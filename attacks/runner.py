@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from attacks import PRIOR_ATTACKS, build_attack, check_attack_name
+from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.report import METRIC_NAMES, MethodScores, format_table
 from experiment.errors import UserError
@@ -47,6 +48,8 @@ class TryContext:
     shared: object
     restorations: dict[str, object]
     load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    #: the run's TensorBoard writer, or None
+    writer: object = None
 
 
 class Extension:
@@ -123,6 +126,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     from lightning_modules.networks import check_network_fits
 
     names = method_names(args)
+    defense = build_defense(args, args.seed)
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
     device = choose_device(args.accelerator)
@@ -135,7 +139,18 @@ def prepare(args: argparse.Namespace) -> Setup:
     model = build_victim(args, num_classes, input_shape).to(device).eval()
     options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
     attacks = {name: build_attack(name, **options) for name in names}
-    return Setup(args, datamodule, dataset, model, device, attacks, num_classes)
+    setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes, defense=defense)
+    setup.describe["defense"] = describe_defense(defense)
+    if args.analysis:
+        from attacks.analysis import ErrorAnalysis
+
+        setup.extensions.append(ErrorAnalysis(model, alpha=args.alpha, ratio=args.ratio))
+    if args.distribution.startswith("custom_"):
+        from attacks.analysis import CustomClassCounts
+        from datamodules.composition import CUSTOM_CLASSES
+
+        setup.extensions.append(CustomClassCounts(CUSTOM_CLASSES))
+    return setup
 
 
 def load_chunks(setup: Setup, indices: torch.Tensor):
@@ -205,6 +220,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                     shared=shared,
                     restorations=restorations,
                     load_chunks=lambda indices=indices: load_chunks(setup, indices),
+                    writer=writer,
                 )
                 for extension in setup.extensions:
                     entry = extension.on_try(ctx)
@@ -229,7 +245,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             for metric, value in summary.items():
                 writer.add_scalar(f"summary/{method}/{metric}", value, 0)
         writer.flush()
-    log.info("\n%s", format_table(scores))
+    log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores))
     for extension in setup.extensions:
         text = extension.table()
         if text:
