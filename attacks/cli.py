@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = parser.add_argument_group("attack")
     attack.add_argument("--attacks", nargs="+", default=["iLRG"], help="methods to run (see --compare)")
-    attack.add_argument("--compare", action="store_true", help="also run iDLG, GI, RLG, LLG, bias and random")
+    attack.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the prior attacks iDLG, GI, RLG, LLG, bias and random (--no-compare: only --attacks)",
+    )
     attack.add_argument("--simplified", action="store_true", help="iLRG given the present classes (LeAcc = 1 by definition)")
     attack.add_argument("--estimate", action="store_true", help="iLRG with p = 1/C instead of the restored probabilities")
     attack.add_argument("--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits")
