@@ -88,7 +88,7 @@ def smallest(values: torch.Tensor, count: int) -> torch.Tensor:
         return mask
     if count >= values.numel():
         return ~mask
-    threshold = torch.kthvalue(values.cpu(), count).values.to(values.device)
+    threshold = torch.kthvalue(values, count).values
     mask = values < threshold
     ties = torch.nonzero(values == threshold).flatten()
     mask[ties[: count - int(mask.sum())]] = True
@@ -219,8 +219,11 @@ def _jacobian_grams(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
             is_grads_batched=True,
         )
         jacobian[:, features.to(outputs.device)] = rows.flatten(2).transpose(0, 1)
-    jacobian = jacobian.to(torch.float64)
-    return jacobian @ jacobian.transpose(1, 2)
+    grams = []
+    for rows in jacobian:  # one sample at a time, so one float64 copy of a Jacobian is alive
+        rows = rows.to(torch.float64)
+        grams.append(rows @ rows.T)
+    return torch.stack(grams)
 
 
 def _narrowest_split(model: nn.Module, inputs: torch.Tensor, layer_name: str | None) -> int | None:
