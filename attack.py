@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             runner.run(setup, run_dir, writer)
         except KeyboardInterrupt:
             return 130
+        except UserError as err:
+            print(f"attack.py: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

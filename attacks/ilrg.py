@@ -45,6 +45,40 @@ def class_probabilities(
     return torch.softmax(alpha * logits, dim=1)
 
 
+def unstable_rows(embeddings: torch.Tensor, usable: torch.Tensor, norm_guard: float) -> torch.Tensor:
+    """Classes whose restored embedding is blown up: norm above ``norm_guard`` x the median.
+
+    e_c = grad_W[c] / grad_b[c] is a weighted mean of the batch's embeddings whose
+    weights (p_n[c] - y_n[c]) / (K grad_b[c]) sum to one. When k_c is close to
+    sum_n p_n[c] (common once K is several times C: K = 1024, C = 100 gives
+    about 10 of each with p about 0.01) grad_b[c] is nearly zero, the weights
+    explode and so does e_c: its softmax becomes arbitrary and spoils every
+    equation it enters. ``norm_guard = 0`` finds none (the published method).
+    """
+    if norm_guard <= 0 or int(usable.sum()) < 2:
+        return torch.zeros_like(usable)
+    norms = embeddings.norm(dim=1)
+    return usable & (norms > norm_guard * norms[usable].median())
+
+
+def fallback_rows(
+    probabilities: torch.Tensor, replace: torch.Tensor, trusted: torch.Tensor, bias: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Give the ``replace`` classes a stand-in probability row.
+
+    The stand-in is the mean row of the ``trusted`` classes; with none trusted,
+    the model's output for a zero embedding, softmax(alpha b) (exact when W = 0,
+    where every sample has that output).
+    """
+    if not bool(replace.any()):
+        return probabilities
+    if bool(trusted.any()):
+        stand_in = probabilities[trusted].mean(dim=0)
+    else:
+        stand_in = torch.softmax(alpha * bias.to(torch.float64), dim=0)
+    return torch.where(replace[:, None], stand_in, probabilities)
+
+
 def solve_counts(
     probabilities: torch.Tensor,
     bias_grad: torch.Tensor,
@@ -126,26 +160,36 @@ class ILRG:
 
     restores_counts = True
 
-    def __init__(self, alpha: float = 1.0, estimate: bool = False, simplified: bool = False):
+    def __init__(self, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, norm_guard: float = 3.0):
         self.alpha = alpha
         self.estimate = estimate
         self.simplified = simplified
+        self.norm_guard = norm_guard
 
     @classmethod
-    def from_options(cls, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, **_):
-        return cls(alpha=alpha, estimate=estimate, simplified=simplified)
+    def from_options(
+        cls, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, norm_guard: float = 3.0, **_
+    ):
+        return cls(alpha=alpha, estimate=estimate, simplified=simplified, norm_guard=norm_guard)
 
     def __call__(self, shared: SharedGradients) -> Restoration:
         num_classes = shared.num_classes
         embeddings, usable = class_embeddings(shared.weight_grad, shared.bias_grad)
+        # A class with a finite but exactly-zero bias gradient (sum_n p_n[c] == k_c) keeps its
+        # unknown count and gets a stand-in probability row; a non-finite one is left out.
+        finite = torch.isfinite(shared.bias_grad) & torch.isfinite(shared.weight_grad).all(dim=1)
         if self.estimate:
             probabilities = torch.full(
                 (num_classes, num_classes), 1.0 / num_classes, dtype=torch.float64, device=embeddings.device
             )
         else:
             probabilities = class_probabilities(embeddings, shared.weight, shared.bias, self.alpha)
+            unstable = unstable_rows(embeddings, usable, self.norm_guard)
+            probabilities = fallback_rows(
+                probabilities, (finite & ~usable) | unstable, usable & ~unstable, shared.bias, self.alpha
+            )
         equations = torch.isfinite(shared.bias_grad)
-        unknowns = usable
+        unknowns = finite
         if self.simplified:
             if shared.known_classes is None:
                 raise ValueError("simplified iLRG needs the known present classes")

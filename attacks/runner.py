@@ -126,6 +126,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     from lightning_modules.networks import check_network_fits
 
     names = method_names(args)
+    if args.devices != 1:
+        raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
     defense = build_defense(args, args.seed)
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
@@ -137,7 +139,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
     model = build_victim(args, num_classes, input_shape).to(device).eval()
-    options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
+    options = {
+        "alpha": args.alpha,
+        "estimate": args.estimate,
+        "simplified": args.simplified,
+        "norm_guard": args.norm_guard,
+        "seed": args.seed,
+    }
     attacks = {name: build_attack(name, **options) for name in names}
     setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes, defense=defense)
     setup.describe["defense"] = describe_defense(defense)
@@ -174,6 +182,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     scores = {name: MethodScores(attack.restores_counts, args.simplified) for name, attack in setup.attacks.items()}
     tries: list[dict] = []
     status = "complete"
+    failure = None
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = _progress(args)
     try:
@@ -194,6 +203,10 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             known = true_counts > 0 if args.simplified else None
             shared = share(setup.model, grads, args.num_images, known_classes=known)
             record = {"true_counts": true_counts.tolist(), "methods": {}}
+            if not all(bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)):
+                # A diverged model or an extreme defense: the attacks still answer (their
+                # documented fallbacks), and the run reports how many tries this hit.
+                record["nonfinite_gradients"] = True
             restorations = {}
             for name, attack in setup.attacks.items():
                 started = time.perf_counter()
@@ -232,11 +245,17 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     except (KeyboardInterrupt, Interrupted) as err:
         status = "incomplete"
         log.warning("interrupted (%s) after %d of %d tries; results.json is marked incomplete", type(err).__name__, len(tries), args.num_tries)
+    except UserError as err:
+        # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
+        status = "failed"
+        failure = str(err)
     finally:
         progress.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     results = build_results(setup, scores, tries, status)
+    if failure is not None:
+        results["error"] = failure
     write_json_atomic(run_dir / "results.json", results)
     if args.results:
         write_json_atomic(args.results, results)
@@ -250,6 +269,11 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         text = extension.table()
         if text:
             log.info("\n%s", text)
+    affected = results["nonfinite_tries"]
+    if affected:
+        log.warning("%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(tries))
+    if failure is not None:
+        raise UserError(failure)
     if status != "complete":
         raise KeyboardInterrupt
     return results
@@ -265,6 +289,7 @@ def build_results(setup: Setup, scores: dict[str, MethodScores], tries: list[dic
     return {
         "status": status,
         "tries_done": len(tries),
+        "nonfinite_tries": sum(1 for t in tries if t.get("nonfinite_gradients")),
         "config": vars(setup.args),
         "data": {
             "dataset": setup.args.dataset,
