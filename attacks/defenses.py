@@ -186,7 +186,7 @@ def _feature_blocks(num_samples: int, num_features: int) -> Iterable[torch.Tenso
 def _one_hot_seeds(outputs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """(len(features), B, m) seeds: block j seeds feature features[j] of every sample."""
     seeds = outputs.new_zeros((features.numel(), *outputs.shape))
-    seeds[torch.arange(features.numel()), :, features.to(outputs.device)] = 1
+    seeds[torch.arange(features.numel(), device=outputs.device), :, features.to(outputs.device)] = 1
     return seeds
 
 

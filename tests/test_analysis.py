@@ -292,6 +292,7 @@ def test_attack_py_analysis_and_custom_counts(tmp_path):
     assert set(results["analysis"]["mean"]) == set(ALL_NAMES)
     assert set(results["tries"][0]["analysis"]) == set(ALL_NAMES)
     assert "error analysis" in proc.stderr and "Soteria: grad_W[c] vs class mean e" in proc.stderr
+    assert results["defense"] is None and "defense: none" in proc.stderr
     counts = results["custom_class_counts"]
     assert counts["classes"] == [0, 18, 92] and counts["true"] == [1.0, 22.0, 1.0]
     assert set(counts["restored"]) == {"iLRG"}

@@ -347,7 +347,8 @@ def test_attack_py_runs_each_defense_and_says_so(tmp_path, method, flag, value):
     assert results["tries_done"] == 2
 
 
-def test_attack_py_defended_runs_are_reproducible_and_undefended_say_none(tmp_path):
+def test_attack_py_defended_runs_are_reproducible(tmp_path):
+    # Noise this strong scrambles the counts, so equal counts mean equal noise.
     args = (
         "--num_tries",
         "2",
@@ -356,13 +357,12 @@ def test_attack_py_defended_runs_are_reproducible_and_undefended_say_none(tmp_pa
         "--defense_method",
         "dp",
         "--noise_std",
-        "0.05",
+        "1",
     )
     _, first = attack(tmp_path, *args)
     _, second = attack(tmp_path, *args)
     assert first["tries"] == second["tries"]
-    proc, plain = attack(tmp_path, "--num_tries", "2", "--no-compare")
-    assert plain["defense"] is None and "defense: none" in proc.stderr
+    assert first["summary"]["iLRG"]["LnAcc"] < 0.9
 
 
 def test_attack_py_refuses_a_defense_without_method(tmp_path):
