@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attacks.analysis import add_analysis_arguments
+from attacks.defenses import add_defense_arguments
 from attacks.stages import add_checkpoint_arguments
 from experiment.options import OneLineParser, add_config_argument, non_negative_float, positive_int
 
@@ -74,4 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="iLRG: a class whose restored embedding is this many times the median norm gets the mean "
         "probability row instead (its bias gradient is near zero); 0 = the paper's method as published",
     )
+    add_defense_arguments(parser)
+    add_analysis_arguments(parser)
     return parser

@@ -80,3 +80,24 @@ def share(
         parameter_grads=parameter_grads,
         known_classes=known_classes,
     )
+
+
+def embed_and_forward(
+    model: nn.Module, images: torch.Tensor, layer_name: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attacked layer's input (the embedding, B x d) and the model's output, from one forward pass.
+
+    A forward hook on the layer catches its input, so this works for any model,
+    with or without an ``embed`` method; gradients flow through both results
+    unless the caller disables them.
+    """
+    _, layer = last_linear_layer(model, layer_name)
+    caught: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _module, inputs, _output: caught.append(inputs[0]))
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    if len(caught) != 1:
+        raise ValueError(f"the attacked layer ran {len(caught)} times in one forward pass, expected once")
+    return caught[0].flatten(1), logits

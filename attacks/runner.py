@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from attacks import PRIOR_ATTACKS, build_attack, check_attack_name
+from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.report import METRIC_NAMES, MethodScores, format_table
 from experiment.errors import UserError
@@ -47,6 +48,8 @@ class TryContext:
     shared: object
     restorations: dict[str, object]
     load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    #: the run's TensorBoard writer, or None
+    writer: object = None
 
 
 class Extension:
@@ -128,6 +131,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     names = method_names(args)
     if args.devices != 1:
         raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
+    defense = build_defense(args, args.seed)
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
     device = choose_device(args.accelerator)
@@ -148,7 +152,18 @@ def prepare(args: argparse.Namespace) -> Setup:
     }
     attacks = {name: build_attack(name, **options) for name in names}
     describe = trained.describe() if trained else {}
-    return Setup(args, datamodule, dataset, model, device, attacks, num_classes, describe=describe)
+    setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes, defense=defense, describe=describe)
+    setup.describe["defense"] = describe_defense(defense)
+    if args.analysis:
+        from attacks.analysis import ErrorAnalysis
+
+        setup.extensions.append(ErrorAnalysis(model, alpha=args.alpha, ratio=args.ratio))
+    if args.distribution.startswith("custom_"):
+        from attacks.analysis import CustomClassCounts
+        from datamodules.composition import CUSTOM_CLASSES
+
+        setup.extensions.append(CustomClassCounts(CUSTOM_CLASSES))
+    return setup
 
 
 def load_chunks(setup: Setup, indices: torch.Tensor):
@@ -223,6 +238,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                     shared=shared,
                     restorations=restorations,
                     load_chunks=lambda indices=indices: load_chunks(setup, indices),
+                    writer=writer,
                 )
                 for extension in setup.extensions:
                     entry = extension.on_try(ctx)
@@ -253,7 +269,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             for metric, value in summary.items():
                 writer.add_scalar(f"summary/{method}/{metric}", value, 0)
         writer.flush()
-    log.info("\n%s", format_table(scores))
+    log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores))
     for extension in setup.extensions:
         text = extension.table()
         if text:
