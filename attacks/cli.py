@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from attacks.reconstruction import add_reconstruction_arguments
 from experiment.options import OneLineParser, add_config_argument, positive_int
 
 DEFAULT_DATASET = "SYNTH_MNIST"
@@ -60,4 +61,5 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--simplified", action="store_true", help="iLRG given the present classes (LeAcc = 1 by definition)")
     attack.add_argument("--estimate", action="store_true", help="iLRG with p = 1/C instead of the restored probabilities")
     attack.add_argument("--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits")
+    add_reconstruction_arguments(parser)
     return parser

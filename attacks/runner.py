@@ -54,6 +54,9 @@ class Extension:
 
     key = "extension"
 
+    def bind(self, run_dir: Path, writer=None) -> None:
+        """Called once before the first try with the run folder and the TensorBoard writer."""
+
     def on_try(self, ctx: TryContext) -> dict | None:
         return None
 
@@ -135,7 +138,12 @@ def prepare(args: argparse.Namespace) -> Setup:
     model = build_victim(args, num_classes, input_shape).to(device).eval()
     options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
     attacks = {name: build_attack(name, **options) for name in names}
-    return Setup(args, datamodule, dataset, model, device, attacks, num_classes)
+    setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes)
+    if args.rec_img:
+        from attacks.reconstruction import Reconstruction
+
+        setup.extensions.append(Reconstruction.from_setup(setup))
+    return setup
 
 
 def load_chunks(setup: Setup, indices: torch.Tensor):
@@ -161,6 +169,8 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     status = "complete"
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = _progress(args)
+    for extension in setup.extensions:
+        extension.bind(run_dir, writer)
     try:
         for index in range(args.num_tries):
             indices = compose_batch(
