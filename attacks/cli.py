@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from attacks.reconstruction import add_reconstruction_arguments
-from experiment.options import OneLineParser, add_config_argument, positive_int
+from experiment.options import OneLineParser, add_config_argument, non_negative_float, positive_int
 
 DEFAULT_DATASET = "SYNTH_MNIST"
 
@@ -28,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_tries", type=positive_int, default=50, help="number of attacked batches")
     run.add_argument("--results", metavar="PATH", help="also write results.json to PATH")
     run.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"], help="where to compute")
-    run.add_argument("--devices", type=positive_int, default=1, help="number of devices (attack.py uses one)")
+    run.add_argument("--devices", type=positive_int, default=1, help="number of devices; attacks run on one (1)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     data = parser.add_argument_group("data and batch composition")
     data.add_argument("--dataset", default=DEFAULT_DATASET, help="MNIST_GRAY, MNIST, CIFAR100, ImageNet or SYNTH_*")
     data.add_argument("--data_root", default="data", help="folder holding MNIST/raw, cifar-100-python, ...")
-    data.add_argument("--imagenet_dir", default=None, help="ImageNet folder with train/ and val/ (default <data_root>/ImageNet)")
+    data.add_argument("--imagenet_dir", default=None, help="ImageNet folder with train/ and val/ (None: <data_root>/ImageNet)")
     data.add_argument("--split", default="train", choices=["train", "val", "all"], help="which split batches come from")
     data.add_argument("--num_images", type=positive_int, default=24, help="batch size K")
     data.add_argument("--max_size", type=positive_int, default=None, help="compute the batch gradient in chunks of at most this many images")
@@ -57,9 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = parser.add_argument_group("attack")
     attack.add_argument("--attacks", nargs="+", default=["iLRG"], help="methods to run (see --compare)")
-    attack.add_argument("--compare", action="store_true", help="also run iDLG, GI, RLG, LLG, bias and random")
+    attack.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the prior attacks iDLG, GI, RLG, LLG, bias and random (--no-compare: only --attacks)",
+    )
     attack.add_argument("--simplified", action="store_true", help="iLRG given the present classes (LeAcc = 1 by definition)")
     attack.add_argument("--estimate", action="store_true", help="iLRG with p = 1/C instead of the restored probabilities")
     attack.add_argument("--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits")
+    attack.add_argument(
+        "--norm_guard",
+        type=non_negative_float,
+        default=3.0,
+        help="iLRG: a class whose restored embedding is this many times the median norm gets the mean "
+        "probability row instead (its bias gradient is near zero); 0 = the paper's method as published",
+    )
     add_reconstruction_arguments(parser)
     return parser

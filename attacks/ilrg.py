@@ -45,6 +45,32 @@ def class_probabilities(
     return torch.softmax(alpha * logits, dim=1)
 
 
+def guard_unstable_rows(
+    probabilities: torch.Tensor, embeddings: torch.Tensor, usable: torch.Tensor, norm_guard: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the probability rows of classes whose restored embedding is blown up.
+
+    e_c = grad_W[c] / grad_b[c] is a weighted mean of the batch's embeddings whose
+    weights (p_n[c] - y_n[c]) / (K grad_b[c]) sum to one. When k_c is close to
+    sum_n p_n[c] (common once K is several times C: K = 1024, C = 100 gives
+    about 10 of each with p about 0.01) grad_b[c] is nearly zero, the weights
+    explode and so does e_c: its softmax becomes arbitrary and spoils every
+    equation it enters. Such rows are recognised by a norm more than
+    ``norm_guard`` times the median norm of the restored embeddings and get the
+    mean probability row of the other classes instead. ``norm_guard = 0`` turns
+    this off (the paper's method as published).
+    """
+    unstable = torch.zeros_like(usable)
+    if norm_guard <= 0 or int(usable.sum()) < 2:
+        return probabilities, unstable
+    norms = embeddings.norm(dim=1)
+    unstable = usable & (norms > norm_guard * norms[usable].median())
+    stable = usable & ~unstable
+    if bool(unstable.any()) and bool(stable.any()):
+        probabilities = torch.where(unstable[:, None], probabilities[stable].mean(dim=0), probabilities)
+    return probabilities, unstable
+
+
 def solve_counts(
     probabilities: torch.Tensor,
     bias_grad: torch.Tensor,
@@ -126,14 +152,17 @@ class ILRG:
 
     restores_counts = True
 
-    def __init__(self, alpha: float = 1.0, estimate: bool = False, simplified: bool = False):
+    def __init__(self, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, norm_guard: float = 3.0):
         self.alpha = alpha
         self.estimate = estimate
         self.simplified = simplified
+        self.norm_guard = norm_guard
 
     @classmethod
-    def from_options(cls, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, **_):
-        return cls(alpha=alpha, estimate=estimate, simplified=simplified)
+    def from_options(
+        cls, alpha: float = 1.0, estimate: bool = False, simplified: bool = False, norm_guard: float = 3.0, **_
+    ):
+        return cls(alpha=alpha, estimate=estimate, simplified=simplified, norm_guard=norm_guard)
 
     def __call__(self, shared: SharedGradients) -> Restoration:
         num_classes = shared.num_classes
@@ -144,6 +173,7 @@ class ILRG:
             )
         else:
             probabilities = class_probabilities(embeddings, shared.weight, shared.bias, self.alpha)
+            probabilities, _ = guard_unstable_rows(probabilities, embeddings, usable, self.norm_guard)
         equations = torch.isfinite(shared.bias_grad)
         unknowns = usable
         if self.simplified:

@@ -126,6 +126,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     from lightning_modules.networks import check_network_fits
 
     names = method_names(args)
+    if args.devices != 1:
+        raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
     device = choose_device(args.accelerator)
@@ -136,7 +138,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
     model = build_victim(args, num_classes, input_shape).to(device).eval()
-    options = {"alpha": args.alpha, "estimate": args.estimate, "simplified": args.simplified, "seed": args.seed}
+    options = {
+        "alpha": args.alpha,
+        "estimate": args.estimate,
+        "simplified": args.simplified,
+        "norm_guard": args.norm_guard,
+        "seed": args.seed,
+    }
     attacks = {name: build_attack(name, **options) for name in names}
     setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes)
     if args.rec_img:

@@ -26,7 +26,9 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
 
 def _coerce(action: argparse.Action, key: str, value, source: str):
     """Check and convert one config value the way the flag would have been."""
-    flag_only = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+    flag_only = isinstance(
+        action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction
+    )
     if flag_only:
         if not isinstance(value, bool):
             raise UserError(f"{source}: {key} must be true or false, got {value!r}")

@@ -53,12 +53,29 @@ class VictimNetwork(nn.Module):
 
 
 def _build_dnn(num_classes: int, input_shape: Shape, *, n_hidden: int, n_dim: int) -> VictimNetwork:
-    layers: list[nn.Module] = [nn.Flatten()]
+    # As in the paper's code: an input layer to n_dim, then n_hidden more n_dim -> n_dim layers,
+    # then the classifier. n_hidden = 1 is FCN-3 (three linear layers), n_hidden = 0 FCN-2.
     width = input_shape[0] * input_shape[1] * input_shape[2]
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(width, n_dim), nn.ReLU()]
     for _ in range(n_hidden):
-        layers += [nn.Linear(width, n_dim), nn.ReLU()]
-        width = n_dim
-    return VictimNetwork(nn.Sequential(*layers), nn.Linear(width, num_classes))
+        layers += [nn.Linear(n_dim, n_dim), nn.ReLU()]
+    return VictimNetwork(nn.Sequential(*layers), nn.Linear(n_dim, num_classes))
+
+
+def _init_convolutions(module: nn.Module) -> None:
+    """He init (fan-out) for convs and unit BN, as torchvision's ResNet and the paper's nets use.
+
+    PyTorch's default conv init is much smaller; the victim's initial logits,
+    and so how much an untrained model leaks, depend on it.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
 
 # --- lenet5 ------------------------------------------------------------------------------
@@ -94,6 +111,7 @@ def _build_lenet5(
         nn.Linear(120, 84),
         activation(),
     )
+    _init_convolutions(features)
     return VictimNetwork(features, nn.Linear(84, num_classes))
 
 
@@ -115,6 +133,7 @@ def _build_vgg(num_classes: int, input_shape: Shape, *, cfg: str, dropout: bool)
     features = nn.Sequential(
         make_vgg_layers(vgg_cfgs[cfg], batch_norm=True), pool, nn.Flatten(), *head
     )
+    _init_convolutions(features)
     return VictimNetwork(features, nn.Linear(4096, num_classes))
 
 

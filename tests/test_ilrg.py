@@ -162,3 +162,19 @@ def test_counts_are_integers_within_bounds_on_random_models():
         assert int(result.counts.min()) >= 0 and int(result.counts.max()) <= 9
         assert int(result.adjusted_counts.sum()) == 9
         assert not math.isnan(float(result.counts.sum()))
+
+
+def test_norm_guard_replaces_only_blown_up_rows():
+    from attacks.ilrg import guard_unstable_rows
+
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.2], [0.9, 0.9], [40.0, 0.0]], dtype=torch.float64)
+    probabilities = torch.tensor(
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64
+    )
+    usable = torch.ones(4, dtype=torch.bool)
+    guarded, unstable = guard_unstable_rows(probabilities, embeddings, usable, norm_guard=3.0)
+    assert unstable.tolist() == [False, False, False, True]
+    assert torch.allclose(guarded[3], probabilities[:3].mean(dim=0))
+    assert torch.equal(guarded[:3], probabilities[:3])
+    unguarded, none = guard_unstable_rows(probabilities, embeddings, usable, norm_guard=0.0)
+    assert torch.equal(unguarded, probabilities) and not none.any()

@@ -122,17 +122,19 @@ def test_classifier_gradient_has_the_attacked_shape():
 
 @pytest.mark.parametrize("n_hidden", [0, 1, 2])
 def test_dnn_hidden_layers(n_hidden):
+    # An input layer plus n_hidden more: n_hidden = 1 is FCN-3, three linear layers in all.
     net = network("dnn", MNIST, n_hidden=n_hidden)
     hidden = modules_of_type(net.features, nn.Linear)
-    assert len(hidden) == n_hidden
+    assert len(hidden) == n_hidden + 1
+    assert hidden[0].in_features == 784
     assert all(layer.out_features == 300 for layer in hidden)
-    assert len(modules_of_type(net.features, nn.ReLU)) == n_hidden
-    assert net.embedding_dim == (784 if n_hidden == 0 else 300)
+    assert len(modules_of_type(net.features, nn.ReLU)) == n_hidden + 1
+    assert net.embedding_dim == 300
 
 
 def test_dnn_width():
     net = build_network("dnn", NUM_CLASSES, MNIST, n_hidden=2, n_dim=50)
-    assert [layer.out_features for layer in modules_of_type(net.features, nn.Linear)] == [50, 50]
+    assert [layer.out_features for layer in modules_of_type(net.features, nn.Linear)] == [50, 50, 50]
     assert net.embedding_dim == 50
 
 

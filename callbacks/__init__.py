@@ -1,0 +1,5 @@
+"""Lightning callbacks that run during training."""
+
+from callbacks.label_leakage import LabelLeakageCallback
+
+__all__ = ["LabelLeakageCallback"]
