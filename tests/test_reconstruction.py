@@ -1,5 +1,9 @@
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 from argparse import Namespace
 
 import pytest
@@ -269,6 +273,17 @@ def test_boxed_joint_reconstruction_stays_in_the_box_and_restarts_keep_the_best(
     assert run(1).loss == one.loss  # seeded: the same command gives the same reconstruction
 
 
+def test_one_soft_label_for_the_whole_batch_gives_one_class():
+    model = small_victim()
+    images, labels = batch()
+    grads = batch_gradients(model, [(images, labels)], 4)
+    config = ReconstructionConfig(max_iterations=20, soft_labels="batch")
+    result = reconstruct(model, grads, SHAPE, 4, config, num_images=4)
+    assert result.labels.shape == (4,) and len(set(result.labels.tolist())) == 1
+    with pytest.raises(ValueError, match="soft_labels"):
+        reconstruct(model, grads, SHAPE, 4, ReconstructionConfig(soft_labels="x"), num_images=4)
+
+
 def test_early_stop_under_the_loss_threshold():
     model = small_victim()
     images, labels = batch()
@@ -336,3 +351,46 @@ def test_experiment3_presets_parse(preset):
         and args.max_iterations == 240000
     )
     assert args.fix_labels == (preset == "rec_ig_fixed_labels")
+
+
+# --- attack.py end to end --------------------------------------------------------------------
+
+
+def run_attack(tmp_path, *args):
+    results = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        "attack.py",
+        "--log_dir",
+        str(tmp_path),
+        "--results",
+        str(results),
+        "--quiet",
+        *args,
+    ]
+    # One thread: thousands of tiny double-backward passes stall when threads contend for 2 cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(results.read_text())
+
+
+def test_attack_py_reconstructs_with_ilrg_labels_and_writes_the_png(tmp_path):
+    results = run_attack(
+        tmp_path,
+        *("--num_tries", "1", "--num_images", "4", "--no-compare", "--exp_name", "rec"),
+        *("--rec_img", "--fix_labels", "--boxed", "--max_iterations", "20", "--save_images"),
+    )
+    summary = results["reconstruction"]
+    assert (
+        summary["label_source"] == "iLRG" and summary["iterations"] == 20 and summary["tries"] == 1
+    )
+    assert (
+        math.isfinite(summary["PSNR"]) and math.isfinite(summary["SSIM"]) and summary["loss"] >= 0
+    )
+    entry = results["tries"][0]["reconstruction"]
+    counts = results["tries"][0]["methods"]["iLRG"]["counts"]
+    assert sorted(entry["labels"]) == [c for c, n in enumerate(counts) for _ in range(n)]
+    run_dir = tmp_path / "rec" / "version_0"
+    assert (run_dir / entry["image"]).is_file()
+    assert json.loads((run_dir / "results.json").read_text())["reconstruction"] == summary

@@ -18,6 +18,7 @@ from attacks.reconstruction.inverting import (
     COST_FUNCTIONS,
     DEFAULT_LR,
     INITS,
+    SOFT_LABELS,
     ReconstructionConfig,
     box_bounds,
     reconstruct,
@@ -258,6 +259,13 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
         "--fix_labels",
         action="store_true",
         help="fix the labels to iLRG's restored counts instead of optimising them",
+    )
+    group.add_argument(
+        "--soft_labels",
+        default="per_image",
+        choices=list(SOFT_LABELS),
+        help="without fixed labels: optimise a soft label per image, or one for the whole batch "
+        "(as the original Inverting Gradients code does)",
     )
     group.add_argument(
         "--gt_labels", action="store_true", help="fix the labels to the true ones (an upper bound)"

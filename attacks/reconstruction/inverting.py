@@ -3,7 +3,9 @@
 A dummy batch is optimised until the gradient of its mean cross-entropy on the
 victim, over every parameter, matches the shared gradient under ``cost_fn``.
 The labels are either fixed (iLRG's restored ones, or the true ones as an upper
-bound) or optimised jointly as soft labels, one row of logits per image.
+bound) or optimised jointly as soft labels: one row of logits per image
+(``per_image``), or one row for the whole batch (``batch``), which is what the
+original Inverting Gradients code optimises and what the iLRG paper compared with.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ COST_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 }
 DEFAULT_LR = {"adam": 0.1, "sgd": 0.01, "lbfgs": 1.0}
 INITS = ("randn", "rand", "zeros")
+#: joint soft labels: a row of logits per image, or one row shared by the batch
+SOFT_LABELS = ("per_image", "batch")
 #: the learning rate drops tenfold at these fractions of max_iterations
 DECAY_AT = (3 / 8, 5 / 8, 7 / 8)
 #: how often (iterations) the loss is read back for the progress bar and the early stop
@@ -49,6 +53,7 @@ class ReconstructionConfig:
     max_iterations: int = 8000
     restarts: int = 1
     loss_thresh: float = 0.0
+    soft_labels: str = "per_image"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ReconstructionConfig:
@@ -64,6 +69,7 @@ class ReconstructionConfig:
             args.max_iterations,
             args.restarts,
             args.loss_thresh,
+            args.soft_labels,
         )
 
 
@@ -111,7 +117,7 @@ def initial_images(init: str, shape, generator: torch.Generator | None = None) -
 
 
 def soft_cross_entropy(logits: torch.Tensor, label_logits: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy against the soft labels softmax(label_logits)."""
+    """Mean cross-entropy against the soft labels softmax(label_logits), (K, C) or (1, C)."""
     return -(label_logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
@@ -130,7 +136,7 @@ class GradientMatcher:
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, create_graph: bool = True
     ) -> torch.Tensor:
-        """``labels``: (K,) class indices, or (K, C) logits of soft labels."""
+        """``labels``: (K,) class indices, or (K, C) or (1, C) logits of soft labels."""
         logits = self.model(images)
         if labels.is_floating_point():
             loss = soft_cross_entropy(logits, labels)
@@ -219,8 +225,8 @@ def reconstruct(
 ) -> ReconstructionResult:
     """Invert ``target_grads`` (name -> gradient of the mean loss) into a batch of images.
 
-    ``labels`` fixes the labels; without them (K, C) soft labels are optimised
-    jointly and ``num_images`` gives K. ``bounds`` (see :func:`box_bounds`) is
+    ``labels`` fixes the labels; without them soft labels are optimised jointly
+    (``config.soft_labels``) and ``num_images`` gives K. ``bounds`` (see :func:`box_bounds`) is
     required when ``config.boxed``. The kept restart is the one whose final
     gradient-matching cost is lowest.
     """
@@ -228,6 +234,10 @@ def reconstruct(
         raise ValueError("boxed reconstruction needs the bounds of the normalised pixels")
     if labels is None and num_images is None:
         raise ValueError("give the labels or the number of images")
+    if config.soft_labels not in SOFT_LABELS:
+        raise ValueError(
+            f"unknown soft_labels {config.soft_labels!r}; valid: {', '.join(SOFT_LABELS)}"
+        )
     device = next(model.parameters()).device
     count = labels.numel() if labels is not None else num_images
     matcher = GradientMatcher(model, target_grads, config.cost_fn)
@@ -239,7 +249,8 @@ def reconstruct(
             if labels is not None:
                 trial_labels = labels.to(device)
             else:
-                trial_labels = torch.randn((count, num_classes), generator=generator).to(device)
+                rows = count if config.soft_labels == "per_image" else 1
+                trial_labels = torch.randn((rows, num_classes), generator=generator).to(device)
                 trial_labels.requires_grad_(True)
             loss, iterations = _optimise(
                 matcher,
@@ -251,6 +262,8 @@ def reconstruct(
                 on_loss,
             )
             if best is None or loss < best.loss:
-                hard = trial_labels if labels is not None else trial_labels.argmax(dim=1)
+                hard = (
+                    trial_labels if labels is not None else trial_labels.argmax(dim=1).expand(count)
+                )
                 best = ReconstructionResult(images.detach(), hard.detach(), loss, iterations)
     return best
