@@ -145,6 +145,8 @@ class Reconstruction(Extension):
             "psnr_per_image": scores.psnr.tolist(),
             "ssim_per_image": scores.ssim.tolist() if scores.ssim is not None else None,
         }
+        if labels is None:
+            entry["soft_labels"] = self.config.soft_labels
         if self.save_image:
             entry["image"] = self._save(ctx.index, true, rebuilt[scores.order])
         if self.writer is not None:
@@ -179,8 +181,11 @@ class Reconstruction(Extension):
             values = [e[name] for e in self.entries if e[name] is not None]
             return sum(values) / len(values) if values else float("nan")
 
+        labels = {"label_source": self.source}
+        if self.source == "joint":
+            labels["soft_labels"] = self.config.soft_labels
         return {
-            "label_source": self.source,
+            **labels,
             "PSNR": mean("PSNR"),
             "SSIM": mean("SSIM"),
             "loss": mean("loss"),
@@ -192,7 +197,11 @@ class Reconstruction(Extension):
         if not self.entries:
             return None
         s = self.summary()
-        return f"reconstruction ({s['label_source']} labels, {s['tries']} tries): PSNR {s['PSNR']:.2f} dB, SSIM {s['SSIM']:.3f}, matching loss {s['loss']:.4g}, {s['iterations']:.0f} iterations"
+        source = s["label_source"] + (f" ({s['soft_labels']})" if "soft_labels" in s else "")
+        return (
+            f"reconstruction ({source} labels, {s['tries']} tries): PSNR {s['PSNR']:.2f} dB, "
+            f"SSIM {s['SSIM']:.3f}, matching loss {s['loss']:.4g}, {s['iterations']:.0f} iterations"
+        )
 
 
 def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,12 +248,20 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep pixels inside the valid range after normalisation",
     )
-    group.add_argument("--init", default="randn", choices=list(INITS), help="initial images")
+    group.add_argument(
+        "--init",
+        default="randn",
+        choices=list(INITS),
+        help="initial images: normal, uniform in [-1, 1], or zeros",
+    )
     group.add_argument(
         "--tv", type=non_negative_float, default=1e-6, help="weight of the total-variation penalty"
     )
     group.add_argument(
-        "--l2", type=non_negative_float, default=1e-6, help="weight of the image-norm penalty"
+        "--l2",
+        type=non_negative_float,
+        default=1e-6,
+        help="weight of the penalty on the L2 norm of the whole batch",
     )
     group.add_argument(
         "--max_iterations", type=positive_int, default=8000, help="iterations per restart"
@@ -252,8 +269,8 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--loss_thresh",
         type=non_negative_float,
-        default=0.0,
-        help="stop once the matching loss is below this (0: never)",
+        default=1e-4,
+        help="stop once the objective (matching loss plus penalties) is below this (0: never)",
     )
     group.add_argument(
         "--fix_labels",

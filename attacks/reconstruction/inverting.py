@@ -19,16 +19,22 @@ import torch
 from torch import nn
 
 
-def _cosine_cost(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _cosine_cost(dummy: torch.Tensor, target: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     return 1 - (dummy * target).sum() / (dummy.norm() * target.norm()).clamp_min(1e-30)
 
 
-#: cost(dummy gradients, shared gradients), both flattened over all parameters into one vector
-COST_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _max_cost(dummy: torch.Tensor, target: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    # The largest deviation of each parameter tensor, summed over the parameters.
+    return torch.segment_reduce((dummy - target).abs(), "max", lengths=sizes).sum()
+
+
+#: cost(dummy gradients, shared gradients, parameter sizes): the gradients of all parameters
+#: flattened into one vector each, ``sizes`` the length of each parameter's segment
+COST_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sim": _cosine_cost,
-    "l2": lambda dummy, target: (dummy - target).pow(2).sum(),
-    "l1": lambda dummy, target: (dummy - target).abs().sum(),
-    "max": lambda dummy, target: (dummy - target).abs().max(),
+    "l2": lambda dummy, target, sizes: (dummy - target).pow(2).sum(),
+    "l1": lambda dummy, target, sizes: (dummy - target).abs().sum(),
+    "max": _max_cost,
 }
 DEFAULT_LR = {"adam": 0.1, "sgd": 0.01, "lbfgs": 1.0}
 INITS = ("randn", "rand", "zeros")
@@ -52,7 +58,7 @@ class ReconstructionConfig:
     l2: float = 1e-6
     max_iterations: int = 8000
     restarts: int = 1
-    loss_thresh: float = 0.0
+    loss_thresh: float = 1e-4
     soft_labels: str = "per_image"
 
     @classmethod
@@ -106,11 +112,14 @@ def project_to_box(images: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tenso
 
 
 def initial_images(init: str, shape, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A starting batch on the CPU, drawn from ``generator`` so both label sources start alike."""
+    """A starting batch on the CPU, drawn from ``generator`` so both label sources start alike.
+
+    ``randn``: standard normal; ``rand``: uniform in [-1, 1]; ``zeros``.
+    """
     if init == "randn":
         return torch.randn(shape, generator=generator)
     if init == "rand":
-        return torch.rand(shape, generator=generator)
+        return 2 * torch.rand(shape, generator=generator) - 1
     if init == "zeros":
         return torch.zeros(shape)
     raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
@@ -131,6 +140,8 @@ class GradientMatcher:
         self.model = model
         self.parameters = [named[name] for name in target_grads]
         self.target = flatten(target_grads.values()).detach()
+        sizes = [grad.numel() for grad in target_grads.values()]
+        self.sizes = torch.tensor(sizes, device=self.target.device)
         self.cost = COST_FUNCTIONS[cost_fn]
 
     def __call__(
@@ -143,7 +154,7 @@ class GradientMatcher:
         else:
             loss = nn.functional.cross_entropy(logits, labels)
         grads = torch.autograd.grad(loss, self.parameters, create_graph=create_graph)
-        return self.cost(flatten(grads), self.target)
+        return self.cost(flatten(grads), self.target, self.sizes)
 
 
 def _optimizer(
@@ -155,7 +166,7 @@ def _optimizer(
     if config.optimizer == "sgd":
         return torch.optim.SGD(variables, lr=lr, momentum=0.9, nesterov=True)
     if config.optimizer == "lbfgs":
-        return torch.optim.LBFGS(variables, lr=lr)
+        return torch.optim.LBFGS(variables, lr=lr, line_search_fn="strong_wolfe")
     raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: {', '.join(DEFAULT_LR)}")
 
 
@@ -173,11 +184,11 @@ def _optimise(matcher, images, labels, config, bounds, progress, on_loss) -> tup
         if config.tv:
             total = total + config.tv * total_variation(images)
         if config.l2:
-            total = total + config.l2 * images.flatten(1).norm(dim=1).mean()
+            total = total + config.l2 * images.norm()
         grads = torch.autograd.grad(total, variables)
         for variable, grad in zip(variables, grads):
             variable.grad = grad.sign() if config.signed and variable is images else grad
-        latest["matching"] = matching.detach()
+        latest["matching"], latest["total"] = matching.detach(), total.detach()
         return total
 
     iteration = 0
@@ -195,7 +206,7 @@ def _optimise(matcher, images, labels, config, bounds, progress, on_loss) -> tup
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                 if on_loss is not None:
                     on_loss(iteration, value)
-                if not math.isfinite(value) or value < config.loss_thresh:
+                if not math.isfinite(value) or float(latest["total"]) < config.loss_thresh:
                     break
     with torch.no_grad():
         images.grad = None
