@@ -12,12 +12,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse_args(parser, argv)
-    from attacks import runner
+    from attacks import runner, stages
     from experiment.errors import UserError
     from experiment.logs import open_run
 
     try:
-        setup = runner.prepare(args)
+        stages.check_given_options(sys.argv[1:] if argv is None else argv, args)
+        setup = stages.prepare_sweep(args) if args.checkpoints else runner.prepare(args)
     except UserError as err:
         print(f"attack.py: error: {err}", file=sys.stderr)
         return 2
@@ -26,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("attack").info(
                 "data: %s is SYNTHETIC (generated in memory, no files read); use --dataset MNIST_GRAY/CIFAR100/ImageNet "
                 "with --data_root for real data",
-                args.dataset,
+                setup.datamodule.name,
             )
         try:
-            runner.run(setup, run_dir, writer)
+            (stages.run_sweep if args.checkpoints else runner.run)(setup, run_dir, writer)
         except KeyboardInterrupt:
             return 130
+        except UserError as err:
+            print(f"attack.py: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

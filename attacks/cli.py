@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from attacks.reconstruction import add_reconstruction_arguments
+from attacks.stages import add_checkpoint_arguments
 from experiment.options import OneLineParser, add_config_argument, non_negative_float, positive_int
 
 DEFAULT_DATASET = "SYNTH_MNIST"
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batchnorm", action="store_true", help="lenet5: batch norm after each conv")
     model.add_argument("--silu", action="store_true", help="lenet5: SiLU activations (LeNet-S)")
     model.add_argument("--leaky_relu", action="store_true", help="lenet5: LeakyReLU(0.01) activations")
+    add_checkpoint_arguments(parser)
 
     attack = parser.add_argument_group("attack")
     attack.add_argument("--attacks", nargs="+", default=["iLRG"], help="methods to run (see --compare)")

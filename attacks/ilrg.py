@@ -45,30 +45,38 @@ def class_probabilities(
     return torch.softmax(alpha * logits, dim=1)
 
 
-def guard_unstable_rows(
-    probabilities: torch.Tensor, embeddings: torch.Tensor, usable: torch.Tensor, norm_guard: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace the probability rows of classes whose restored embedding is blown up.
+def unstable_rows(embeddings: torch.Tensor, usable: torch.Tensor, norm_guard: float) -> torch.Tensor:
+    """Classes whose restored embedding is blown up: norm above ``norm_guard`` x the median.
 
     e_c = grad_W[c] / grad_b[c] is a weighted mean of the batch's embeddings whose
     weights (p_n[c] - y_n[c]) / (K grad_b[c]) sum to one. When k_c is close to
     sum_n p_n[c] (common once K is several times C: K = 1024, C = 100 gives
     about 10 of each with p about 0.01) grad_b[c] is nearly zero, the weights
     explode and so does e_c: its softmax becomes arbitrary and spoils every
-    equation it enters. Such rows are recognised by a norm more than
-    ``norm_guard`` times the median norm of the restored embeddings and get the
-    mean probability row of the other classes instead. ``norm_guard = 0`` turns
-    this off (the paper's method as published).
+    equation it enters. ``norm_guard = 0`` finds none (the published method).
     """
-    unstable = torch.zeros_like(usable)
     if norm_guard <= 0 or int(usable.sum()) < 2:
-        return probabilities, unstable
+        return torch.zeros_like(usable)
     norms = embeddings.norm(dim=1)
-    unstable = usable & (norms > norm_guard * norms[usable].median())
-    stable = usable & ~unstable
-    if bool(unstable.any()) and bool(stable.any()):
-        probabilities = torch.where(unstable[:, None], probabilities[stable].mean(dim=0), probabilities)
-    return probabilities, unstable
+    return usable & (norms > norm_guard * norms[usable].median())
+
+
+def fallback_rows(
+    probabilities: torch.Tensor, replace: torch.Tensor, trusted: torch.Tensor, bias: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Give the ``replace`` classes a stand-in probability row.
+
+    The stand-in is the mean row of the ``trusted`` classes; with none trusted,
+    the model's output for a zero embedding, softmax(alpha b) (exact when W = 0,
+    where every sample has that output).
+    """
+    if not bool(replace.any()):
+        return probabilities
+    if bool(trusted.any()):
+        stand_in = probabilities[trusted].mean(dim=0)
+    else:
+        stand_in = torch.softmax(alpha * bias.to(torch.float64), dim=0)
+    return torch.where(replace[:, None], stand_in, probabilities)
 
 
 def solve_counts(
@@ -167,15 +175,21 @@ class ILRG:
     def __call__(self, shared: SharedGradients) -> Restoration:
         num_classes = shared.num_classes
         embeddings, usable = class_embeddings(shared.weight_grad, shared.bias_grad)
+        # A class with a finite but exactly-zero bias gradient (sum_n p_n[c] == k_c) keeps its
+        # unknown count and gets a stand-in probability row; a non-finite one is left out.
+        finite = torch.isfinite(shared.bias_grad) & torch.isfinite(shared.weight_grad).all(dim=1)
         if self.estimate:
             probabilities = torch.full(
                 (num_classes, num_classes), 1.0 / num_classes, dtype=torch.float64, device=embeddings.device
             )
         else:
             probabilities = class_probabilities(embeddings, shared.weight, shared.bias, self.alpha)
-            probabilities, _ = guard_unstable_rows(probabilities, embeddings, usable, self.norm_guard)
+            unstable = unstable_rows(embeddings, usable, self.norm_guard)
+            probabilities = fallback_rows(
+                probabilities, (finite & ~usable) | unstable, usable & ~unstable, shared.bias, self.alpha
+            )
         equations = torch.isfinite(shared.bias_grad)
-        unknowns = usable
+        unknowns = finite
         if self.simplified:
             if shared.known_classes is None:
                 raise ValueError("simplified iLRG needs the known present classes")

@@ -121,10 +121,13 @@ def build_victim(args: argparse.Namespace, num_classes: int, input_shape) -> tor
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Check everything and load data and model; raises ``UserError`` and writes nothing."""
+    from attacks.stages import resolve_victim
     from datamodules import build_datamodule, dataset_info
     from datamodules.composition import check_composition
     from lightning_modules.networks import check_network_fits
 
+    # A trained victim brings its own dataset, model and network options.
+    args, trained = resolve_victim(args)
     names = method_names(args)
     if args.devices != 1:
         raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
@@ -137,7 +140,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     dataset = datamodule.dataset(args.split)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
-    model = build_victim(args, num_classes, input_shape).to(device).eval()
+    network = trained.network if trained else build_victim(args, num_classes, input_shape)
+    model = network.to(device).eval()
     options = {
         "alpha": args.alpha,
         "estimate": args.estimate,
@@ -146,7 +150,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         "seed": args.seed,
     }
     attacks = {name: build_attack(name, **options) for name in names}
-    setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes)
+    describe = trained.describe() if trained else {}
+    setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes, describe=describe)
     if args.rec_img:
         from attacks.reconstruction import Reconstruction
 
@@ -175,6 +180,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     scores = {name: MethodScores(attack.restores_counts, args.simplified) for name, attack in setup.attacks.items()}
     tries: list[dict] = []
     status = "complete"
+    failure = None
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = _progress(args)
     for extension in setup.extensions:
@@ -197,6 +203,10 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             known = true_counts > 0 if args.simplified else None
             shared = share(setup.model, grads, args.num_images, known_classes=known)
             record = {"true_counts": true_counts.tolist(), "methods": {}}
+            if not all(bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)):
+                # A diverged model or an extreme defense: the attacks still answer (their
+                # documented fallbacks), and the run reports how many tries this hit.
+                record["nonfinite_gradients"] = True
             restorations = {}
             for name, attack in setup.attacks.items():
                 started = time.perf_counter()
@@ -234,11 +244,17 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     except (KeyboardInterrupt, Interrupted) as err:
         status = "incomplete"
         log.warning("interrupted (%s) after %d of %d tries; results.json is marked incomplete", type(err).__name__, len(tries), args.num_tries)
+    except UserError as err:
+        # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
+        status = "failed"
+        failure = str(err)
     finally:
         progress.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     results = build_results(setup, scores, tries, status)
+    if failure is not None:
+        results["error"] = failure
     write_json_atomic(run_dir / "results.json", results)
     if args.results:
         write_json_atomic(args.results, results)
@@ -252,6 +268,11 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         text = extension.table()
         if text:
             log.info("\n%s", text)
+    affected = results["nonfinite_tries"]
+    if affected:
+        log.warning("%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(tries))
+    if failure is not None:
+        raise UserError(failure)
     if status != "complete":
         raise KeyboardInterrupt
     return results
@@ -267,6 +288,7 @@ def build_results(setup: Setup, scores: dict[str, MethodScores], tries: list[dic
     return {
         "status": status,
         "tries_done": len(tries),
+        "nonfinite_tries": sum(1 for t in tries if t.get("nonfinite_gradients")),
         "config": vars(setup.args),
         "data": {
             "dataset": setup.args.dataset,

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from experiment.errors import UserError
 
@@ -163,6 +163,31 @@ class InMemoryImageDataset(LabelledImageDataset):
         return pixels.expand(-1, self.image_shape[0], -1, -1)
 
 
+class EpochShuffle(RandomSampler):
+    """A random order of the samples that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
+    from an end-of-epoch checkpoint sees the same batches as one that never
+    stopped. Being a ``RandomSampler``, it is replaced by Lightning's seeded
+    ``DistributedSampler`` under DDP, which does the same per process.
+    """
+
+    def __init__(self, data: Dataset, seed: int) -> None:
+        super().__init__(data)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        # One seed per epoch drawn from the run's seed, so no two (seed, epoch) pairs share a stream.
+        first = torch.Generator().manual_seed(self.seed)
+        seeds = torch.randint(2**62, (self.epoch + 1,), generator=first)
+        generator = torch.Generator().manual_seed(int(seeds[-1]))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
 class ImageClassificationDataModule(pl.LightningDataModule):
     """Base of every data set in ``DATASETS``: splits, partitions and dataloaders.
 
@@ -283,8 +308,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_set, shuffle=True, generator=generator)
+        return self._loader(self.train_set, sampler=EpochShuffle(self.train_set, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
@@ -314,12 +338,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         _, val_index = self.partition_indices()
         return Subset(self.dataset(self.train_partition), val_index.tolist())
 
-    def _loader(self, data: Dataset, shuffle: bool, generator=None) -> DataLoader:
+    def _loader(self, data: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
         return DataLoader(
             data,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )

@@ -90,7 +90,9 @@ def test_zero_bias_gradient_is_undetermined_not_nan():
     assert torch.isfinite(embeddings).all()
     result = ilrg()(shared)
     assert result.undetermined.tolist() == [False, False, False, True]
-    assert result.counts[3] == 0
+    # Its count stays an unknown with a stand-in probability row; the others are untouched.
+    assert result.counts[:3].tolist() == [4, 0, 0]
+    assert int(result.counts[3]) in (0, 1)
     assert int(result.adjusted_counts.sum()) == 4
 
 
@@ -165,16 +167,32 @@ def test_counts_are_integers_within_bounds_on_random_models():
 
 
 def test_norm_guard_replaces_only_blown_up_rows():
-    from attacks.ilrg import guard_unstable_rows
+    from attacks.ilrg import fallback_rows, unstable_rows
 
     embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.2], [0.9, 0.9], [40.0, 0.0]], dtype=torch.float64)
     probabilities = torch.tensor(
         [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64
     )
     usable = torch.ones(4, dtype=torch.bool)
-    guarded, unstable = guard_unstable_rows(probabilities, embeddings, usable, norm_guard=3.0)
+    unstable = unstable_rows(embeddings, usable, norm_guard=3.0)
     assert unstable.tolist() == [False, False, False, True]
+    guarded = fallback_rows(probabilities, unstable, ~unstable, torch.zeros(4), alpha=1.0)
     assert torch.allclose(guarded[3], probabilities[:3].mean(dim=0))
     assert torch.equal(guarded[:3], probabilities[:3])
-    unguarded, none = guard_unstable_rows(probabilities, embeddings, usable, norm_guard=0.0)
-    assert torch.equal(unguarded, probabilities) and not none.any()
+    assert not unstable_rows(embeddings, usable, norm_guard=0.0).any()
+    # Nothing trusted: the output at a zero embedding, softmax(b).
+    bias = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    none_trusted = fallback_rows(probabilities, usable, ~usable, bias, alpha=1.0)
+    assert torch.allclose(none_trusted[0], torch.softmax(bias.double(), dim=0))
+
+
+def test_all_bias_gradients_zero_still_restores_counts():
+    # Two classes, one sample each, uniform softmax: grad_b = 0 for both, every e_c undefined,
+    # yet the counts follow from k_c = K p_c.
+    model = TinyVictim(in_dim=1, dim=1, num_classes=2)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    result = ilrg()(shared_for(model, torch.randn(2, 1), torch.tensor([0, 1])))
+    assert result.undetermined.tolist() == [True, True]
+    assert result.counts.tolist() == [1, 1]

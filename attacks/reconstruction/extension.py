@@ -70,8 +70,12 @@ class Reconstruction(Extension):
 
         args, data = setup.args, setup.datamodule
         # fix_labels needs iLRG's answer even when --attacks leaves iLRG out.
-        ilrg = build_attack(
-            "iLRG", alpha=args.alpha, estimate=args.estimate, simplified=args.simplified
+        ilrg = setup.attacks.get("iLRG") or build_attack(
+            "iLRG",
+            alpha=args.alpha,
+            estimate=args.estimate,
+            simplified=args.simplified,
+            norm_guard=args.norm_guard,
         )
         return cls(
             setup.model,

@@ -1,0 +1,238 @@
+"""What ``train.py`` runs: data, victim classifier, Trainer, and checkpoints named by stage.
+
+A stage is a number of completed epochs or optimizer steps. Its checkpoint is
+``<model_path>/<model>_<dataset>_Epoch<N>.ckpt`` or ``..._Iter<N>.ckpt``, so
+``attack.py --trained_model`` finds it from (model, dataset, stage) alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+
+from experiment.errors import CheckpointError, UserError
+from lightning_modules.checkpoints import STAGE_PATTERN, read_checkpoint, stage_checkpoint_name
+
+log = logging.getLogger("train")
+
+NETWORK_OPTIONS = ("n_hidden", "n_dim", "batchnorm", "dropout", "silu", "leaky_relu")
+TRAINING_OPTIONS = ("optimizer", "lr", "weight_decay", "scheduler", "warmup")
+
+
+def stage_unit(args: argparse.Namespace) -> str:
+    return "iteration" if args.iter_train else "epoch"
+
+
+def final_stage(args: argparse.Namespace) -> int:
+    return args.iters if args.iter_train else args.epochs
+
+
+def stage_checkpoint_path(args: argparse.Namespace, n: int | None = None) -> Path:
+    """The checkpoint of stage ``n`` (default: the end of training) of the run ``args`` describes."""
+    n = final_stage(args) if n is None else n
+    return Path(args.model_path) / stage_checkpoint_name(
+        args.model, args.dataset, stage_unit(args), n
+    )
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """Saves ``<model>_<dataset>_Epoch<N>.ckpt`` after N epochs, or ``..._Iter<N>.ckpt`` after N steps.
+
+    With ``every`` > 0 it saves every ``every`` epochs (or steps) and the untrained
+    weights at stage 0; it always saves the end of training. Lightning counts
+    epochs from 0, so the number is taken from the loop's count of finished epochs.
+    """
+
+    def __init__(self, dirpath, model: str, dataset: str, unit: str, every: int = 0) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=-1,
+            every_n_train_steps=every if unit == "iteration" else 0,
+            every_n_epochs=every if unit == "epoch" else 0,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+        self.model_name, self.dataset_name, self.unit, self.every = model, dataset, unit, every
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+
+    def stage(self, trainer: pl.Trainer) -> int:
+        if self.unit == "iteration":
+            return trainer.global_step
+        # Incremented when an epoch's batches are done, before the epoch-end hooks save.
+        return trainer.fit_loop.epoch_progress.current.processed
+
+    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None) -> str:
+        name = stage_checkpoint_name(
+            self.model_name, self.dataset_name, self.unit, self.stage(self._trainer)
+        )
+        return os.path.join(self.dirpath, name)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.every and trainer.global_step == 0 and not trainer.fast_dev_run:
+            trainer.save_checkpoint(self.format_checkpoint_name({}), weights_only=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        final = self.format_checkpoint_name({})
+        # ``best_model_path`` is the last checkpoint saved (every one is kept), also after a resume.
+        if not trainer.fast_dev_run and self.best_model_path != final:
+            trainer.save_checkpoint(final, weights_only=False)
+            self.best_model_path = final
+
+
+def build_datamodule_for(args: argparse.Namespace):
+    from datamodules import build_datamodule
+
+    return build_datamodule(
+        args.dataset,
+        data_root=str(args.data_root),
+        split="train",
+        imagenet_dir=None if args.imagenet_dir is None else str(args.imagenet_dir),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        augment=args.augment,
+        train_partition=args.train_partition,
+        val_fraction=args.val_fraction,
+    )
+
+
+def classifier_hparams(args: argparse.Namespace, num_classes: int, input_shape) -> dict:
+    """The plain hyperparameters of the :class:`VictimClassifier` this run trains."""
+    return {
+        "model": args.model,
+        "num_classes": int(num_classes),
+        "input_shape": [int(size) for size in input_shape],
+        "dataset": args.dataset,
+        **{name: getattr(args, name) for name in NETWORK_OPTIONS + TRAINING_OPTIONS},
+        "schedule_unit": "step" if args.iter_train else "epoch",
+        "schedule_length": final_stage(args),
+    }
+
+
+def run_options(hparams: dict) -> dict:
+    """The train.py options a classifier's hyperparameters stand for."""
+    options = {
+        key: hparams.get(key) for key in ("dataset", "model", *NETWORK_OPTIONS, *TRAINING_OPTIONS)
+    }
+    options["iter_train"] = hparams.get("schedule_unit") == "step"
+    options["iters" if options["iter_train"] else "epochs"] = hparams.get("schedule_length")
+    return options
+
+
+def check_resume(path, hparams: dict) -> None:
+    """Refuse to resume from a checkpoint that is unsafe, broken or of another run's options."""
+    checkpoint = read_checkpoint(path)
+    if "loops" not in checkpoint or "optimizer_states" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only; resuming needs the loop and optimizer state"
+        )
+    saved, wanted = run_options(checkpoint["hyper_parameters"]), run_options(hparams)
+    different = [key for key in wanted if saved.get(key) != wanted[key]]
+    if different:
+        pairs = ", ".join(
+            f"--{key} {saved.get(key)} (this run: {wanted[key]})" for key in different
+        )
+        raise CheckpointError(f"--resume {path} was saved by a run with other options: {pairs}")
+
+
+def leakage_callbacks(args: argparse.Namespace) -> list[Callback]:
+    if not args.attack_every_n_steps:
+        return []
+    try:
+        from callbacks import LabelLeakageCallback
+    except ImportError:
+        raise UserError(
+            "--attack_every_n_steps needs callbacks.LabelLeakageCallback, which this checkout does not have"
+        ) from None
+    return [LabelLeakageCallback(attack_every_n_steps=args.attack_every_n_steps)]
+
+
+def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Trainer:
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    logger = TensorBoardLogger(
+        save_dir=str(args.log_dir), name=args.exp_name, default_hp_metric=False
+    )
+    try:
+        return pl.Trainer(
+            accelerator=args.accelerator,
+            devices=args.devices,
+            strategy=args.strategy,
+            num_nodes=args.num_nodes,
+            precision=args.precision,
+            max_epochs=-1 if args.iter_train else args.epochs,
+            max_steps=args.iters if args.iter_train else -1,
+            fast_dev_run=args.dryrun,
+            logger=logger,
+            callbacks=[*callbacks, LearningRateMonitor(logging_interval="step")],
+            log_every_n_steps=10,
+            enable_progress_bar=not args.quiet,
+            enable_model_summary=not args.quiet,
+        )
+    except (MisconfigurationException, ValueError) as err:
+        raise UserError(f"trainer options: {' '.join(str(err).split())}") from None
+
+
+def train(args: argparse.Namespace) -> list[Path]:
+    """Check everything, then train; returns the stage checkpoints in ``model_path`` of this run."""
+    from datamodules import dataset_info
+    from lightning_modules.classifier import VictimClassifier
+    from lightning_modules.networks import check_network_fits
+
+    num_classes, input_shape, synthetic = dataset_info(args.dataset)
+    check_network_fits(
+        args.model, tuple(input_shape), **{n: getattr(args, n) for n in NETWORK_OPTIONS}
+    )
+    hparams = classifier_hparams(args, num_classes, input_shape)
+    if args.resume:
+        check_resume(args.resume, hparams)
+    datamodule = build_datamodule_for(args)
+    # Missing or broken data fails here, in one line, before any Trainer exists.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    callbacks = leakage_callbacks(args)
+    earlier = [] if args.resume else saved_stages(args)
+    if earlier:
+        log.warning(
+            "%s already holds %d %s checkpoint(s) of %s on %s; this run replaces those of the stages it saves",
+            args.model_path,
+            len(earlier),
+            stage_unit(args),
+            args.model,
+            args.dataset,
+        )
+    unit = stage_unit(args)
+    every = (args.iter_interval if args.iter_train else args.epoch_interval) if args.mid_save else 0
+    checkpoint = StageCheckpoint(args.model_path, args.model, args.dataset, unit, every)
+    trainer = build_trainer(args, [*callbacks, checkpoint])
+    if synthetic:
+        log.info("data: %s is SYNTHETIC (generated in memory, no files read)", args.dataset)
+    pl.seed_everything(args.seed, workers=True)
+    classifier = VictimClassifier(**hparams)
+    # weights_only: resuming never runs code that a checkpoint file brings along.
+    trainer.fit(classifier, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    return saved_stages(args) if trainer.is_global_zero else []
+
+
+def saved_stages(args: argparse.Namespace) -> list[Path]:
+    """This run's stage checkpoints present in ``model_path``, by stage."""
+    run_name = f"{args.model}_{args.dataset}"
+    unit = "Iter" if args.iter_train else "Epoch"
+    found = []
+    for path in Path(args.model_path).glob(f"{run_name}_{unit}*.ckpt"):
+        match = STAGE_PATTERN.search(path.name)
+        if match and match["unit"] == unit and path.name[: match.start()] == run_name:
+            found.append((int(match["n"]), path))
+    return [path for _, path in sorted(found)]

@@ -1,0 +1,81 @@
+"""Interrupted runs keep their tries, same seed gives the same run, bad numbers stay defined."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from attacks import runner
+from attacks.cli import build_parser
+from tests.conftest import REPO
+
+
+def _comparable(results: dict) -> dict:
+    """results.json without what legitimately differs between two runs: timings and output paths."""
+    results = dict(results)
+    results.pop("seconds_per_try")
+    results["config"] = {k: v for k, v in results["config"].items() if k not in ("results", "log_dir")}
+    return results
+
+
+def test_same_seed_same_batches_and_counts_across_processes(tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.json"
+        cmd = [sys.executable, "attack.py", "--quiet", "--num_tries", "4", "--log_dir", str(tmp_path / name)]
+        proc = subprocess.run([*cmd, "--results", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(json.loads(path.read_text()))
+    assert _comparable(outputs[0]) == _comparable(outputs[1])
+    other = tmp_path / "c.json"
+    cmd = [sys.executable, "attack.py", "--quiet", "--num_tries", "4", "--seed", "7", "--log_dir", str(tmp_path / "c")]
+    subprocess.run([*cmd, "--results", str(other)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    assert json.loads(other.read_text())["tries"] != outputs[0]["tries"]
+
+
+def test_interrupted_run_keeps_finished_tries_marked_incomplete(tmp_path):
+    results = tmp_path / "results.json"
+    cmd = [sys.executable, "attack.py", "--num_tries", "100000", "--log_dir", str(tmp_path / "logs")]
+    proc = subprocess.Popen(
+        [*cmd, "--results", str(results)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Wait until the run has started trying (the progress bar shows a finished try).
+        deadline = time.monotonic() + 240
+        seen = ""
+        while time.monotonic() < deadline and "1/100000" not in seen and "tries:" not in seen:
+            seen += proc.stderr.read(1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    data = json.loads(results.read_text())
+    assert data["status"] == "incomplete"
+    assert data["tries_done"] == len(data["tries"]) >= 1
+    run_dir = next((tmp_path / "logs" / "Experiment1").iterdir())
+    assert json.loads((run_dir / "results.json").read_text()) == data
+    assert not list(run_dir.glob(".results.json.*"))  # no temporary file left behind
+    assert "marked incomplete" in err
+
+
+def test_non_finite_gradients_give_defined_results(tmp_path):
+    args = build_parser().parse_args(["--num_tries", "3", "--quiet", "--log_dir", str(tmp_path)])
+    setup = runner.prepare(args)
+    with torch.no_grad():
+        setup.model.classifier.weight[0, 0] = float("nan")
+    results = runner.run(setup, tmp_path)
+    assert results["nonfinite_tries"] == 3
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    for method, summary in results["summary"].items():
+        for value in summary.values():
+            assert value is None or math.isfinite(value), method
+    for attempt in results["tries"]:
+        counts = attempt["methods"]["iLRG"]["counts"]
+        assert all(isinstance(c, int) and 0 <= c <= 24 for c in counts)

@@ -1,0 +1,31 @@
+"""Train a victim network and save checkpoints by stage: ``python train.py --help``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiment.options import parse_args
+    from lightning_modules.train_cli import build_parser
+
+    args = parse_args(build_parser(), argv)
+    from experiment.errors import UserError
+    from lightning_modules.training import train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        saved = train(args)
+    except UserError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if saved:
+        logging.getLogger("train").info("checkpoints: %s", ", ".join(str(path) for path in saved))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
