@@ -14,6 +14,7 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -208,10 +209,13 @@ def _optimise(matcher, images, labels, config, bounds, progress, on_loss) -> tup
                     on_loss(iteration, value)
                 if not math.isfinite(value) or float(latest["total"]) < config.loss_thresh:
                     break
-    with torch.no_grad():
-        images.grad = None
+    images.grad = None
     final = float(matcher(images.detach(), labels.detach(), create_graph=False))
     return (final if math.isfinite(final) else math.inf), iteration
+
+
+def _shifted(on_loss: Callable[[int, float], None], offset: int, iteration: int, value: float):
+    on_loss(offset + iteration, value)
 
 
 def tqdm_bar(total: int, enabled: bool, desc: str = "reconstruction"):
@@ -254,7 +258,7 @@ def reconstruct(
     matcher = GradientMatcher(model, target_grads, config.cost_fn)
     best = None
     with torch.enable_grad():
-        for _ in range(config.restarts):
+        for restart in range(config.restarts):
             images = initial_images(config.init, (count, *input_shape), generator).to(device)
             images.requires_grad_(True)
             if labels is not None:
@@ -270,7 +274,10 @@ def reconstruct(
                 config,
                 bounds if config.boxed else None,
                 progress,
-                on_loss,
+                # one TensorBoard curve across restarts
+                None
+                if on_loss is None
+                else partial(_shifted, on_loss, restart * config.max_iterations),
             )
             if best is None or loss < best.loss:
                 hard = (
