@@ -297,10 +297,10 @@ def test_early_stop_under_the_loss_threshold():
 
 
 def test_extension_scores_writes_the_png_and_summarises(tmp_path):
-    extension = make_extension("iLRG", tmp_path, iterations=40)
+    extension = make_extension("iLRG", tmp_path / "stage", iterations=40)
     images, labels = batch()
     entry = extension.on_try(context(extension.model, images, labels))
-    assert (tmp_path / entry["image"]).is_file()
+    assert (tmp_path / "stage" / entry["image"]).is_file()
     assert entry["label_source"] == "iLRG" and entry["iterations"] == 40
     assert (
         len(entry["psnr_per_image"]) == 4

@@ -176,6 +176,7 @@ class Reconstruction(Extension):
             self.writer.add_image("reconstruction/true_over_reconstructed", grid, index)
         if self.run_dir is None:
             return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # a stage sweep's folder appears at its end
         path = self.run_dir / f"reconstruction_try{index}.png"
         save_image(grid, path)
         return path.name
