@@ -6,6 +6,7 @@ import argparse
 
 from attacks.analysis import add_analysis_arguments
 from attacks.defenses import add_defense_arguments
+from attacks.reconstruction import add_reconstruction_arguments
 from attacks.stages import add_checkpoint_arguments
 from experiment.options import OneLineParser, add_config_argument, non_negative_float, positive_int
 
@@ -78,4 +79,5 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_defense_arguments(parser)
     add_analysis_arguments(parser)
+    add_reconstruction_arguments(parser)
     return parser

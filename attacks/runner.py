@@ -57,6 +57,9 @@ class Extension:
 
     key = "extension"
 
+    def bind(self, run_dir: Path, writer=None) -> None:
+        """Called once before the first try with the run folder and the TensorBoard writer."""
+
     def on_try(self, ctx: TryContext) -> dict | None:
         return None
 
@@ -163,6 +166,10 @@ def prepare(args: argparse.Namespace) -> Setup:
         from datamodules.composition import CUSTOM_CLASSES
 
         setup.extensions.append(CustomClassCounts(CUSTOM_CLASSES))
+    if args.rec_img:
+        from attacks.reconstruction import Reconstruction
+
+        setup.extensions.append(Reconstruction.from_setup(setup))
     return setup
 
 
@@ -190,6 +197,8 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     failure = None
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = _progress(args)
+    for extension in setup.extensions:
+        extension.bind(run_dir, writer)
     try:
         for index in range(args.num_tries):
             indices = compose_batch(
