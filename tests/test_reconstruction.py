@@ -354,7 +354,7 @@ def test_experiment3_presets_parse(preset):
         and args.max_iterations == 240000
     )
     assert args.fix_labels == (preset == "rec_ig_fixed_labels")
-    assert args.soft_labels == ("per_image" if args.fix_labels else "batch")
+    assert args.soft_labels == "batch"
 
 
 # --- attack.py end to end --------------------------------------------------------------------
@@ -409,7 +409,7 @@ def test_ilrg_labels_beat_guessed_labels_on_real_mnist(tmp_path, shared_data):
         *("--dataset", "MNIST_GRAY", "--data_root", str(shared_data), "--split", "val"),
         *("--num_images", "8", "--num_tries", "1", "--no-compare", "--rec_img"),
     )
-    guessed = run_attack(tmp_path / "guessed", *common, "--soft_labels", "batch")
+    guessed = run_attack(tmp_path / "guessed", *common)  # the default: one soft label for the batch
     fixed = run_attack(tmp_path / "fixed", *common, "--fix_labels")
     assert guessed["tries"][0]["true_counts"] == fixed["tries"][0]["true_counts"]
     counts = fixed["tries"][0]["true_counts"]

@@ -284,10 +284,10 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--soft_labels",
-        default="per_image",
+        default="batch",
         choices=list(SOFT_LABELS),
-        help="without fixed labels: optimise a soft label per image, or one for the whole batch "
-        "(as the original Inverting Gradients code does)",
+        help="without fixed labels: optimise one soft label for the whole batch (as the original "
+        "Inverting Gradients code does), or one per image",
     )
     group.add_argument(
         "--gt_labels", action="store_true", help="fix the labels to the true ones (an upper bound)"

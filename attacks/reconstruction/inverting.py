@@ -60,7 +60,7 @@ class ReconstructionConfig:
     max_iterations: int = 8000
     restarts: int = 1
     loss_thresh: float = 1e-4
-    soft_labels: str = "per_image"
+    soft_labels: str = "batch"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ReconstructionConfig:
