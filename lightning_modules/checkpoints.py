@@ -19,7 +19,8 @@ import torch
 from experiment.errors import CheckpointError, UserError
 
 STAGE_PATTERN = re.compile(r"_(?P<unit>Epoch|Iter)(?P<n>\d+)\.ckpt$")
-UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked".
+UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+?)\.?(?:\s|$)", re.IGNORECASE)
 WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 #: the hyperparameters that decide the network's architecture (and the data it fits)
 NETWORK_KEYS = (

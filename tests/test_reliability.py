@@ -79,3 +79,38 @@ def test_non_finite_gradients_give_defined_results(tmp_path):
     for attempt in results["tries"]:
         counts = attempt["methods"]["iLRG"]["counts"]
         assert all(isinstance(c, int) and 0 <= c <= 24 for c in counts)
+
+
+class _RunsACommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_that_would_run_code_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "dnn_SYNTH_MNIST_Iter5.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": "dnn"}, "payload": _RunsACommand(marker)}, evil)
+    commands = {
+        "attack.py": ["attack.py", "--checkpoint", str(evil)],
+        "attack.py --checkpoints": ["attack.py", "--checkpoints", str(tmp_path / "*.ckpt")],
+        "train.py": ["train.py", "--resume", str(evil), "--iter_train", "--iters", "5"],
+    }
+    for name, args in commands.items():
+        proc = subprocess.run(
+            [sys.executable, *args, "--log_dir", str(tmp_path / "logs")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(evil) in lines[0] and "refused" in lines[0], (name, proc.stderr)
+        assert not marker.exists(), name
