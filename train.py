@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(build_parser(), argv)
     from experiment.errors import UserError
-    from lightning_modules.training import train
+    from lightning_modules.training import TrainingInterrupted, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        where = f"; resume with --resume {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"train.py: interrupted{where}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
+        print("train.py: interrupted before training started", file=sys.stderr)
         return 130
     if saved:
         logging.getLogger("train").info("checkpoints: %s", ", ".join(str(path) for path in saved))

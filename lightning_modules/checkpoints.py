@@ -128,6 +128,11 @@ def stage_checkpoint_name(model: str, dataset: str, unit: str, n: int) -> str:
     return f"{model}_{dataset}_{suffix}{n}.ckpt"
 
 
+def interrupted_checkpoint_name(model: str, dataset: str) -> str:
+    """Where an interrupted training run leaves the state ``train.py --resume`` continues from."""
+    return f"{model}_{dataset}_interrupted.ckpt"
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     first = text.splitlines()[0][:200] if text else ""

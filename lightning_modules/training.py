@@ -16,7 +16,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from experiment.errors import CheckpointError, UserError
-from lightning_modules.checkpoints import STAGE_PATTERN, read_checkpoint, stage_checkpoint_name
+from lightning_modules.checkpoints import (
+    STAGE_PATTERN,
+    interrupted_checkpoint_name,
+    read_checkpoint,
+    stage_checkpoint_name,
+)
 
 log = logging.getLogger("train")
 
@@ -59,6 +64,7 @@ class StageCheckpoint(ModelCheckpoint):
         )
         self.model_name, self.dataset_name, self.unit, self.every = model, dataset, unit, every
         self._trainer: pl.Trainer | None = None
+        self.interrupted_path: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -80,6 +86,16 @@ class StageCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if self.every and trainer.global_step == 0 and not trainer.fast_dev_run:
             trainer.save_checkpoint(self.format_checkpoint_name({}), weights_only=False)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Ctrl-C, SIGTERM or a crash: save ``..._interrupted.ckpt`` so ``--resume`` can go on.
+
+        A name of its own keeps a mid-interval state out of the stage sweeps' globs.
+        """
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        self.interrupted_path = os.path.join(self.dirpath, interrupted_checkpoint_name(self.model_name, self.dataset_name))
+        trainer.save_checkpoint(self.interrupted_path, weights_only=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -222,8 +238,21 @@ def train(args: argparse.Namespace) -> list[Path]:
     pl.seed_everything(args.seed, workers=True)
     classifier = VictimClassifier(**hparams)
     # weights_only: resuming never runs code that a checkpoint file brings along.
-    trainer.fit(classifier, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    try:
+        trainer.fit(classifier, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException after
+        # the callbacks' on_exception ran, which saved the state to resume from.
+        raise TrainingInterrupted(checkpoint.interrupted_path) from err
     return saved_stages(args) if trainer.is_global_zero else []
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by a signal; ``checkpoint`` (or None) is the state to resume from."""
+
+    def __init__(self, checkpoint: str | None):
+        super().__init__(checkpoint)
+        self.checkpoint = checkpoint
 
 
 def saved_stages(args: argparse.Namespace) -> list[Path]:

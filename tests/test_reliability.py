@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from attacks import runner
@@ -114,3 +115,33 @@ def test_checkpoints_that_would_run_code_are_refused(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and str(evil) in lines[0] and "refused" in lines[0], (name, proc.stderr)
         assert not marker.exists(), name
+
+
+@pytest.mark.slow
+def test_interrupted_training_leaves_a_checkpoint_to_resume_from(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cmd = [
+        sys.executable,
+        "train.py",
+        *("--model_path", str(ckpt), "--log_dir", str(tmp_path / "logs"), "--quiet"),
+        *("--iter_train", "--iters", "1200", "--mid_save", "--iter_interval", "200", "--batch_size", "8"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpt / "dnn_SYNTH_MNIST_Iter200.ckpt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    interrupted = ckpt / "dnn_SYNTH_MNIST_interrupted.ckpt"
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"train.py: interrupted; resume with --resume {interrupted}"
+    state = torch.load(interrupted, weights_only=True)
+    assert 200 <= state["global_step"] < 1200
+    resumed = subprocess.run([*cmd, "--resume", str(interrupted)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    stages = sorted(int(p.stem.rsplit("Iter", 1)[1]) for p in ckpt.glob("dnn_SYNTH_MNIST_Iter*.ckpt"))
+    assert stages == [0, 200, 400, 600, 800, 1000, 1200]
+    assert torch.load(ckpt / "dnn_SYNTH_MNIST_Iter1200.ckpt", weights_only=True)["global_step"] == 1200
