@@ -185,6 +185,10 @@ class ErrorAnalysis(Extension):
         self.alpha = alpha
         self.ratio = ratio
         self.per_try: list[dict[str, float]] = []
+        self.writer = None
+
+    def bind(self, run_dir, writer=None) -> None:
+        self.writer = writer
 
     def on_try(self, ctx: TryContext) -> dict[str, float]:
         embeddings, logits, labels = [], [], []
@@ -207,11 +211,10 @@ class ErrorAnalysis(Extension):
         )
         values = {name: trimmed_mean(per_class, self.ratio) for name, per_class in errors.items()}
         self.per_try.append(values)
-        writer = getattr(ctx, "writer", None)
-        if writer is not None:
+        if self.writer is not None:
             for name, value in values.items():
                 if math.isfinite(value):
-                    writer.add_scalar(f"analysis/{name}", value, ctx.index)
+                    self.writer.add_scalar(f"analysis/{name}", value, ctx.index)
         return values
 
     def _column(self, name: str) -> torch.Tensor:

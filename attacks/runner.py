@@ -48,8 +48,6 @@ class TryContext:
     shared: object
     restorations: dict[str, object]
     load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-    #: the run's TensorBoard writer, or None
-    writer: object = None
 
 
 class Extension:
@@ -247,7 +245,6 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                     shared=shared,
                     restorations=restorations,
                     load_chunks=lambda indices=indices: load_chunks(setup, indices),
-                    writer=writer,
                 )
                 for extension in setup.extensions:
                     entry = extension.on_try(ctx)

@@ -208,7 +208,7 @@ class FakeWriter:
         self.scalars.append((tag, value, step))
 
 
-def context(model, images, labels, index, writer=None, restorations=None):
+def context(model, images, labels, index, restorations=None):
     grads = batch_gradients(model, [(images, labels)], labels.numel())
     true_counts = torch.bincount(labels, minlength=10)
     return SimpleNamespace(
@@ -219,7 +219,6 @@ def context(model, images, labels, index, writer=None, restorations=None):
         shared=share(model, grads, labels.numel()),
         restorations=restorations or {},
         load_chunks=lambda: iter([(images[:2], labels[:2]), (images[2:], labels[2:])]),
-        writer=writer,
     )
 
 
@@ -228,10 +227,9 @@ def test_error_analysis_extension_averages_tries_and_logs_them():
     model = TinyVictim()
     analysis = ErrorAnalysis(model, ratio=0.0)
     writer = FakeWriter()
+    analysis.bind("unused-run-dir", writer)
     labels = torch.tensor([0, 0, 3, 5, 5])
-    entries = [
-        analysis.on_try(context(model, torch.rand(5, 12), labels, i, writer)) for i in range(2)
-    ]
+    entries = [analysis.on_try(context(model, torch.rand(5, 12), labels, i)) for i in range(2)]
     assert set(entries[0]) == set(ALL_NAMES)
     summary = analysis.summary()
     assert summary["tries"] == 2 and summary["ratio"] == 0.0
