@@ -44,11 +44,20 @@ def class_embeddings(
     safely in float64: the largest quotient (3e38 / 1e-45) is far from overflow,
     so no rescaling tricks are needed.
     """
+    finite = torch.isfinite(bias_grad) & finite_rows(weight_grad)
+    return embeddings_of_finite(weight_grad, bias_grad, finite)
+
+
+def embeddings_of_finite(
+    weight_grad: torch.Tensor, bias_grad: torch.Tensor, finite: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``class_embeddings`` given which classes have a finite bias gradient and gradient row."""
     bias_grad = bias_grad.to(torch.float64)
-    usable = torch.isfinite(bias_grad) & finite_rows(weight_grad) & (bias_grad != 0)
-    safe_bias = torch.where(usable, bias_grad, torch.ones_like(bias_grad))
+    usable = finite & (bias_grad != 0)
     embeddings = weight_grad.to(torch.float64, copy=True)
-    embeddings.div_(safe_bias[:, None]).masked_fill_(~usable[:, None], 0.0)
+    embeddings.div_(torch.where(usable, bias_grad, 1.0)[:, None]).masked_fill_(
+        ~usable[:, None], 0.0
+    )
     return embeddings, usable
 
 
@@ -250,8 +259,8 @@ def solve_square(
     target = num_images * bias_grad.to(torch.float64)
     rhs = target - target.mean() + num_images
     factor, pivots, info = torch.linalg.lu_factor_ex(system)
-    pivot_sizes = factor.diagonal().abs()
-    if not bool((info == 0) & (pivot_sizes.min() > SINGULAR_PIVOT_RATIO * pivot_sizes.max())):
+    smallest, largest = factor.diagonal().abs().aminmax()
+    if not bool((info == 0) & (smallest > SINGULAR_PIVOT_RATIO * largest)):
         return None
     return torch.linalg.lu_solve(factor, pivots, rhs[:, None])[:, 0]
 
@@ -259,7 +268,7 @@ def solve_square(
 def round_counts(raw: torch.Tensor, num_images: int) -> torch.Tensor:
     """Negative -> 0, round, anything above K -> 0 (the paper's post-processing)."""
     counts = torch.round(raw.clamp(min=0)).to(torch.long)
-    return torch.where(counts > num_images, torch.zeros_like(counts), counts)
+    return counts.masked_fill_(counts > num_images, 0)
 
 
 def adjust_to_total(
@@ -273,11 +282,13 @@ def adjust_to_total(
     below zero. With no eligible class the counts are returned unchanged.
     """
     adjusted = counts.clone()
+    missing = num_images - int(adjusted.sum())
+    if missing == 0:
+        return adjusted
     if eligible is None:
         eligible = torch.ones_like(counts, dtype=torch.bool)
     # How far rounding moved each entry down (positive) or up (negative).
     residual = raw.clamp(min=0).to(torch.float64) - adjusted.to(torch.float64)
-    missing = num_images - int(adjusted.sum())
     candidates = torch.nonzero(eligible).flatten()
     if missing > 0 and candidates.numel() > 0:
         order = candidates[torch.argsort(residual[candidates], descending=True, stable=True)]
@@ -328,10 +339,14 @@ class ILRG:
 
     def _restore(self, shared: SharedGradients) -> Restoration:
         num_classes = shared.num_classes
-        embeddings, usable = class_embeddings(shared.weight_grad, shared.bias_grad)
+        # The small operands in float64 once (the helpers would each convert them again).
+        bias_grad, weight, bias = (
+            tensor.to(torch.float64) for tensor in (shared.bias_grad, shared.weight, shared.bias)
+        )
         # A class with a finite but exactly-zero bias gradient (sum_n p_n[c] == k_c) keeps its
         # unknown count and gets a stand-in probability row; a non-finite one is left out.
-        finite = torch.isfinite(shared.bias_grad) & finite_rows(shared.weight_grad)
+        finite = torch.isfinite(bias_grad) & finite_rows(shared.weight_grad)
+        embeddings, usable = embeddings_of_finite(shared.weight_grad, bias_grad, finite)
         if self.estimate:
             probabilities = torch.full(
                 (num_classes, num_classes),
@@ -349,8 +364,8 @@ class ILRG:
             )
             probabilities = class_probabilities(
                 embeddings,
-                shared.weight,
-                shared.bias,
+                weight,
+                bias,
                 self.alpha,
                 rank=shared.num_images,
                 tolerance=8 * precision,
@@ -360,10 +375,10 @@ class ILRG:
                 probabilities,
                 (finite & ~usable) | unstable,
                 usable & ~unstable,
-                shared.bias,
+                bias,
                 self.alpha,
             )
-        equations = torch.isfinite(shared.bias_grad)
+        equations = torch.isfinite(bias_grad)
         unknowns = finite
         if self.simplified:
             if shared.known_classes is None:
@@ -371,7 +386,7 @@ class ILRG:
             known = shared.known_classes.to(device=usable.device, dtype=torch.bool)
             unknowns = unknowns & known
             equations = equations & known
-        raw = solve_counts(probabilities, shared.bias_grad, shared.num_images, unknowns, equations)
+        raw = solve_counts(probabilities, bias_grad, shared.num_images, unknowns, equations)
         counts = round_counts(raw, shared.num_images)
         adjusted = adjust_to_total(raw, counts, shared.num_images, eligible=unknowns)
         return Restoration.from_counts(counts, adjusted, undetermined=~usable)
