@@ -28,6 +28,9 @@ finder gives them to float64 accuracy at a fraction of the cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import torch
 from scipy.optimize import linprog, nnls
@@ -125,15 +128,15 @@ def present_classes(rows: np.ndarray, order: np.ndarray, prune: bool = True) -> 
     present = np.zeros(rows.shape[0], dtype=bool)
     if rows.shape[1] == 0:
         return present
-    rows = np.where(np.abs(rows) <= ENTRY_FLOOR, 0.0, rows)
+    cleaned = np.where(np.abs(rows) <= ENTRY_FLOOR, 0.0, rows)
     if not prune:
         for c in order:
-            present[c] = separable(rows, c)
+            present[c] = separable(cleaned, c)
         return present
-    norms = np.linalg.norm(rows, axis=1)
+    norms = np.linalg.norm(cleaned, axis=1)
     # A zero row lies in every cone (absent) and adds nothing to one: only the others take part.
     kept = np.flatnonzero(norms > 0)
-    rows, norms = rows[kept], norms[kept]
+    rows, norms = cleaned[kept], norms[kept]
     position = np.full(present.size, -1)
     position[kept] = np.arange(kept.size)
     # Cone membership ignores row lengths; unit rows make one tolerance fit all.
@@ -141,14 +144,20 @@ def present_classes(rows: np.ndarray, order: np.ndarray, prune: bool = True) -> 
     working: list[int] = []
     for c in order:
         if position[c] >= 0:
-            present[c] = _separable_by_certificates(rows, unit, norms, int(position[c]), working)
+            # Where it decides, the LP sees exactly the reference's problem: on rows this
+            # short HiGHS can answer an equivalent LP (say, without the zero rows) otherwise.
+            ask_lp = partial(separable, cleaned, int(c))
+            present[c] = _separable_by_certificates(unit, norms, int(position[c]), working, ask_lp)
     return present
 
 
 def _separable_by_certificates(
-    rows: np.ndarray, unit: np.ndarray, norms: np.ndarray, c: int, working: list[int]
+    unit: np.ndarray, norms: np.ndarray, c: int, working: list[int], ask_lp: Callable[[], bool]
 ) -> bool:
-    """``separable(rows, c)`` proved on subsets of rows; grows ``working`` with the rows it needed.
+    """``separable`` for row ``c`` proved on subsets of rows; grows ``working`` with the rows it needed.
+
+    ``unit`` holds the rows scaled to length one, ``norms`` their lengths;
+    ``ask_lp`` gives the LP's answer where no certificate is strong enough.
 
     The LP decides with a feasibility tolerance: it finds x with
     U_r[c] . x <= -1 and U_r[j] . x >= -1e-7. By Farkas' lemma that fails exactly
@@ -164,13 +173,13 @@ def _separable_by_certificates(
             try:
                 weights, distance = nnls(unit[generators].T, unit[c])
             except RuntimeError:  # no convergence (degenerate geometry)
-                return separable(rows, c)
+                return ask_lp()
             residual = unit[c] - unit[generators].T @ weights
         else:
             distance, residual = 1.0, unit[c]
         if distance <= CONE_TOLERANCE:
             total_weight = float((weights * norms[c] / norms[generators]).sum())
-            return False if total_weight <= WEIGHT_LIMIT else separable(rows, c)
+            return False if total_weight <= WEIGHT_LIMIT else ask_lp()
         # x = -residual has unit[c] . x = -distance^2 and unit[j] . x >= 0 for the generators
         # (the optimality conditions of the fit). Scaled to U_r[c] . x = -1 as in the LP, row j
         # is at sides[j] |U_r[j]| / (distance^2 |U_r[c]|).
@@ -180,7 +189,7 @@ def _separable_by_certificates(
         wrong = np.flatnonzero(sides < -SEPARATION_TOLERANCE * distance)
         if wrong.size == 0:
             separator_norm = 1.0 / (distance * norms[c])
-            return True if separator_norm <= SEPARATOR_LIMIT else separable(rows, c)
+            return True if separator_norm <= SEPARATOR_LIMIT else ask_lp()
         worst = wrong[np.argsort(sides[wrong], kind="stable")[:ROWS_PER_STEP]].tolist()
         generators.extend(worst)
         working.extend(j for j in worst if j not in working)
