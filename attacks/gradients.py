@@ -42,17 +42,24 @@ def batch_gradients(
 ) -> dict[str, torch.Tensor]:
     """Gradients of mean cross-entropy over ``num_images`` samples given as (images, labels) chunks."""
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    totals = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    totals: list[torch.Tensor] | None = None
     seen = 0
     for images, labels in chunks:
         loss = nn.functional.cross_entropy(model(images), labels, reduction="sum") / num_images
         grads = torch.autograd.grad(loss, list(parameters.values()))
-        for total, grad in zip(totals.values(), grads):
-            total += grad
         seen += labels.numel()
+        if totals is None:  # the first chunk's gradients are new tensors: they become the sums
+            totals = list(grads)
+        else:
+            for total, grad in zip(totals, grads):
+                total += grad
+        # Nothing of this chunk outlives it: the peak is one chunk's, not two.
+        del images, labels, loss, grads
     if seen != num_images:
         raise ValueError(f"chunks held {seen} samples, expected {num_images}")
-    return totals
+    if totals is None:
+        totals = [torch.zeros_like(p) for p in parameters.values()]
+    return dict(zip(parameters, totals))
 
 
 def chunked(images: torch.Tensor, labels: torch.Tensor, max_size: int | None):

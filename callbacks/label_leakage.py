@@ -23,7 +23,11 @@ Cost
     ranks are summed (one fixed-size all-reduce), and rank zero copies the layer
     and its gradient once, runs the attacks and logs. Small layers are attacked
     on the CPU, where iLRG's few dozen small operations take a fraction of a
-    millisecond, instead of as many kernel launches and syncs on a GPU.
+    millisecond, instead of as many kernel launches and syncs on a GPU, and on
+    one CPU thread (see ``attacks.cpu_threads``). The per-step values reach the
+    loggers in groups, at most every ``trainer.log_every_n_steps`` steps and at
+    the end of each epoch, with their own steps: each ``log_metrics`` call costs
+    about as much as the attack itself on a small layer.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from attacks import Restoration, SharedGradients, build_attack
+from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
 from attacks.metrics import InstanceRecall, LabelExistenceAccuracy, LabelNumberAccuracy
 from experiment.errors import UserError
@@ -159,6 +164,8 @@ class LabelLeakageCallback(pl.Callback):
         # Label counts of the micro-batches of the step being attacked, on the labels' device.
         self._counts: torch.Tensor | None = None
         self._counts_step = -1
+        # Rank zero's per-step values not yet handed to the loggers: (step, values).
+        self._pending: list[tuple[int, dict[str, float]]] = []
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -180,6 +187,7 @@ class LabelLeakageCallback(pl.Callback):
             for metric in metrics.values():
                 metric.reset()
         self.last_result = None
+        self._pending = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # An optimizer step never spans epochs; counts left over belong to a skipped step.
@@ -235,28 +243,41 @@ class LabelLeakageCallback(pl.Callback):
         num_images = int(true_counts.sum())
         if num_images == 0:
             return
-        shared = self._shared_gradients(layer, num_images)
-        if not bool(
-            torch.isfinite(shared.weight_grad).all() & torch.isfinite(shared.bias_grad).all()
-        ):
-            # An fp16 overflow (which the gradient scaler skips) or a diverged run: nothing to restore.
-            return
-        restorations = {name: attack(shared) for name, attack in self.attacks.items()}
-        values = self._score(restorations, true_counts)
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=step)
+        with one_cpu_thread(attack_device(layer)):
+            shared = self._shared_gradients(layer, num_images)
+            if not bool(
+                torch.isfinite(shared.weight_grad).all() & torch.isfinite(shared.bias_grad).all()
+            ):
+                # An fp16 overflow (which the gradient scaler skips) or a diverged run: nothing to restore.
+                return
+            restorations = {name: attack(shared) for name, attack in self.attacks.items()}
+            values = self._score(restorations, true_counts)
         self.last_result = LeakageResult(step, num_images, true_counts, restorations, values)
+        self._pending.append((step, values))
+        # Hand the values over before the next attacked step would be log_every_n_steps or
+        # more after the oldest one waiting.
+        if step + self.attack_every_n_steps - self._pending[0][0] >= trainer.log_every_n_steps:
+            self._flush(trainer)
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        """Give every logger the per-step values waiting, each at its own step."""
+        pending, self._pending = self._pending, []
+        for logger in trainer.loggers:
+            for step, values in pending:
+                logger.log_metrics(values, step=step)
 
     def _shared_gradients(self, layer: nn.Linear, num_images: int) -> SharedGradients:
-        """What the server sees, as float64 copies: the attacks never alias ``.grad`` or the weights."""
+        """What the server sees, as copies: the attacks never alias ``.grad`` or the weights.
+
+        The copies keep the gradient's precision (the attacks compute in float64
+        themselves): iLRG's fast products are exact to that precision.
+        """
         parts = [
             tensor.detach()
             for tensor in (layer.weight.grad, layer.bias.grad, layer.weight, layer.bias)
         ]
         # One new buffer (cat copies), so the host waits for the device once and copies once.
-        flat = torch.cat([part.reshape(-1) for part in parts]).to(
-            attack_device(layer), torch.float64
-        )
+        flat = torch.cat([part.reshape(-1) for part in parts]).to(attack_device(layer))
         weight_grad, bias_grad, weight, bias = flat.split([part.numel() for part in parts])
         shape = layer.weight.shape
         return SharedGradients(
@@ -286,6 +307,7 @@ class LabelLeakageCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        self._flush(trainer)
         values = {}
         for name, metrics in self.metrics.items():
             for metric_name, metric in metrics.items():
@@ -297,3 +319,10 @@ class LabelLeakageCallback(pl.Callback):
         if values:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A run stopped by an error or Ctrl-C keeps the values of the steps it attacked.
+        if trainer.is_global_zero:
+            self._flush(trainer)
