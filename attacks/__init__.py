@@ -8,4 +8,11 @@ from attacks.registry import ATTACKS, build_attack, check_attack_name
 #: the methods ``--compare`` runs besides iLRG, in table order
 PRIOR_ATTACKS = ("iDLG", "GI", "RLG", "LLG", "bias", "random")
 
-__all__ = ["ATTACKS", "PRIOR_ATTACKS", "Restoration", "SharedGradients", "build_attack", "check_attack_name"]
+__all__ = [
+    "ATTACKS",
+    "PRIOR_ATTACKS",
+    "Restoration",
+    "SharedGradients",
+    "build_attack",
+    "check_attack_name",
+]

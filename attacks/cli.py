@@ -26,50 +26,105 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--exp_name", default="Experiment1", help="run folder name under --log_dir")
-    run.add_argument("--log_dir", default="logs", help="where run folders logs/<exp_name>/version_<n> go")
-    run.add_argument("--seed", type=int, default=1234, help="seeds the model, the batches and random guessing")
-    run.add_argument("--num_tries", type=positive_int, default=50, help="number of attacked batches")
+    run.add_argument(
+        "--log_dir", default="logs", help="where run folders logs/<exp_name>/version_<n> go"
+    )
+    run.add_argument(
+        "--seed", type=int, default=1234, help="seeds the model, the batches and random guessing"
+    )
+    run.add_argument(
+        "--num_tries", type=positive_int, default=50, help="number of attacked batches"
+    )
     run.add_argument("--results", metavar="PATH", help="also write results.json to PATH")
-    run.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"], help="where to compute")
-    run.add_argument("--devices", type=positive_int, default=1, help="number of devices; attacks run on one (1)")
+    run.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=["auto", "cpu", "gpu", "cuda"],
+        help="where to compute",
+    )
+    run.add_argument(
+        "--devices", type=positive_int, default=1, help="number of devices; attacks run on one (1)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     data = parser.add_argument_group("data and batch composition")
-    data.add_argument("--dataset", default=DEFAULT_DATASET, help="MNIST_GRAY, MNIST, CIFAR100, ImageNet or SYNTH_*")
-    data.add_argument("--data_root", default="data", help="folder holding MNIST/raw, cifar-100-python, ...")
-    data.add_argument("--imagenet_dir", default=None, help="ImageNet folder with train/ and val/ (None: <data_root>/ImageNet)")
-    data.add_argument("--split", default="train", choices=["train", "val", "all"], help="which split batches come from")
+    data.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="MNIST_GRAY, MNIST, CIFAR100, ImageNet or SYNTH_*",
+    )
+    data.add_argument(
+        "--data_root", default="data", help="folder holding MNIST/raw, cifar-100-python, ..."
+    )
+    data.add_argument(
+        "--imagenet_dir",
+        default=None,
+        help="ImageNet folder with train/ and val/ (None: <data_root>/ImageNet)",
+    )
+    data.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "val", "all"],
+        help="which split batches come from",
+    )
     data.add_argument("--num_images", type=positive_int, default=24, help="batch size K")
-    data.add_argument("--max_size", type=positive_int, default=None, help="compute the batch gradient in chunks of at most this many images")
+    data.add_argument(
+        "--max_size",
+        type=positive_int,
+        default=None,
+        help="compute the batch gradient in chunks of at most this many images",
+    )
     data.add_argument(
         "--distribution",
         default="random",
         help="random, random2, balanced, extreme, unique, custom_imbalanced or custom_balanced",
     )
-    data.add_argument("--num_target_cls", type=positive_int, default=10, help="classes in a 'random2' batch")
-    data.add_argument("--num_uniform_cls", type=positive_int, default=8, help="classes in a 'balanced' batch")
+    data.add_argument(
+        "--num_target_cls", type=positive_int, default=10, help="classes in a 'random2' batch"
+    )
+    data.add_argument(
+        "--num_uniform_cls", type=positive_int, default=8, help="classes in a 'balanced' batch"
+    )
 
     model = parser.add_argument_group("victim model")
-    model.add_argument("--model", default="dnn", help="dnn, lenet5, vgg11/13/16/19, resnet18/34/50/101/152")
+    model.add_argument(
+        "--model", default="dnn", help="dnn, lenet5, vgg11/13/16/19, resnet18/34/50/101/152"
+    )
     model.add_argument("--n_hidden", type=int, default=1, help="dnn: hidden layers (1 = FCN-3)")
     model.add_argument("--n_dim", type=positive_int, default=300, help="dnn: hidden width")
     model.add_argument("--dropout", action="store_true", help="vgg: dropout 0.5 in the classifier")
-    model.add_argument("--batchnorm", action="store_true", help="lenet5: batch norm after each conv")
+    model.add_argument(
+        "--batchnorm", action="store_true", help="lenet5: batch norm after each conv"
+    )
     model.add_argument("--silu", action="store_true", help="lenet5: SiLU activations (LeNet-S)")
-    model.add_argument("--leaky_relu", action="store_true", help="lenet5: LeakyReLU(0.01) activations")
+    model.add_argument(
+        "--leaky_relu", action="store_true", help="lenet5: LeakyReLU(0.01) activations"
+    )
     add_checkpoint_arguments(parser)
 
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--attacks", nargs="+", default=["iLRG"], help="methods to run (see --compare)")
+    attack.add_argument(
+        "--attacks", nargs="+", default=["iLRG"], help="methods to run (see --compare)"
+    )
     attack.add_argument(
         "--compare",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also run the prior attacks iDLG, GI, RLG, LLG, bias and random (--no-compare: only --attacks)",
     )
-    attack.add_argument("--simplified", action="store_true", help="iLRG given the present classes (LeAcc = 1 by definition)")
-    attack.add_argument("--estimate", action="store_true", help="iLRG with p = 1/C instead of the restored probabilities")
-    attack.add_argument("--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits")
+    attack.add_argument(
+        "--simplified",
+        action="store_true",
+        help="iLRG given the present classes (LeAcc = 1 by definition)",
+    )
+    attack.add_argument(
+        "--estimate",
+        action="store_true",
+        help="iLRG with p = 1/C instead of the restored probabilities",
+    )
+    attack.add_argument(
+        "--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits"
+    )
     attack.add_argument(
         "--norm_guard",
         type=non_negative_float,

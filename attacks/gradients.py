@@ -106,5 +106,7 @@ def embed_and_forward(
     finally:
         handle.remove()
     if len(caught) != 1:
-        raise ValueError(f"the attacked layer ran {len(caught)} times in one forward pass, expected once")
+        raise ValueError(
+            f"the attacked layer ran {len(caught)} times in one forward pass, expected once"
+        )
     return caught[0].flatten(1), logits

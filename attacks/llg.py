@@ -19,7 +19,9 @@ def impact_counts(class_signal: torch.Tensor, num_images: int) -> torch.Tensor:
     signal = torch.nan_to_num(class_signal.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
     num_classes = signal.numel()
     negative = signal < 0
-    if int(negative.sum()) > num_images:  # more negative classes than labels: keep the most negative
+    if (
+        int(negative.sum()) > num_images
+    ):  # more negative classes than labels: keep the most negative
         keep = torch.topk(signal, num_images, largest=False).indices
         negative = torch.zeros_like(negative)
         negative[keep] = True

@@ -18,7 +18,9 @@ class _PerBatchMean(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("batches", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def batch_scores(self, restored: torch.Tensor, true_counts: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,9 @@ class _PerBatchMean(Metric):
         restored = torch.atleast_2d(restored)
         true_counts = torch.atleast_2d(true_counts).to(restored.device)
         if restored.shape != true_counts.shape:
-            raise ValueError(f"restored {tuple(restored.shape)} and true {tuple(true_counts.shape)} differ in shape")
+            raise ValueError(
+                f"restored {tuple(restored.shape)} and true {tuple(true_counts.shape)} differ in shape"
+            )
         scores = self.batch_scores(restored, true_counts).to(torch.float64)
         defined = ~torch.isnan(scores)
         self.score_sum += scores[defined].sum()

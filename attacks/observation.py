@@ -57,7 +57,9 @@ class Restoration:
     undetermined: torch.Tensor | None = None
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, adjusted: torch.Tensor | None = None, **kw) -> Restoration:
+    def from_counts(
+        cls, counts: torch.Tensor, adjusted: torch.Tensor | None = None, **kw
+    ) -> Restoration:
         return cls(present=counts > 0, counts=counts, adjusted_counts=adjusted, **kw)
 
     def labels(self) -> torch.Tensor:

@@ -26,7 +26,9 @@ class MethodScores:
         self.metrics = metric_set(self.restores_counts, self.simplified)
         self.per_try = {name: [] for name in self.metrics}
 
-    def update(self, restoration, true_counts: torch.Tensor, known_classes=None) -> dict[str, float]:
+    def update(
+        self, restoration, true_counts: torch.Tensor, known_classes=None
+    ) -> dict[str, float]:
         """Score one try; returns this try's values."""
         values = {}
         for name, metric in self.metrics.items():
@@ -47,7 +49,11 @@ class MethodScores:
         out = {}
         for name, values in self.per_try.items():
             finite = [v for v in values if not math.isnan(v)]
-            out[name] = float(torch.tensor(finite, dtype=torch.float64).std(unbiased=False)) if finite else math.nan
+            out[name] = (
+                float(torch.tensor(finite, dtype=torch.float64).std(unbiased=False))
+                if finite
+                else math.nan
+            )
         return out
 
 

@@ -94,7 +94,9 @@ def method_names(args: argparse.Namespace) -> list[str]:
 def choose_device(accelerator: str) -> torch.device:
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--accelerator {accelerator} asked for, but no CUDA device is available")
+            raise UserError(
+                f"--accelerator {accelerator} asked for, but no CUDA device is available"
+            )
         return torch.device("cuda")
     if accelerator == "auto" and torch.cuda.is_available():
         return torch.device("cuda")
@@ -131,17 +133,25 @@ def prepare(args: argparse.Namespace) -> Setup:
     args, trained = resolve_victim(args)
     names = method_names(args)
     if args.devices != 1:
-        raise UserError(f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs")
+        raise UserError(
+            f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs"
+        )
     defense = build_defense(args, args.seed)
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
     device = choose_device(args.accelerator)
     datamodule = build_datamodule(
-        args.dataset, data_root=args.data_root, split=args.split, imagenet_dir=args.imagenet_dir, seed=args.seed
+        args.dataset,
+        data_root=args.data_root,
+        split=args.split,
+        imagenet_dir=args.imagenet_dir,
+        seed=args.seed,
     )
     dataset = datamodule.dataset(args.split)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
-    check_composition(class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls)
+    check_composition(
+        class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls
+    )
     network = trained.network if trained else build_victim(args, num_classes, input_shape)
     model = network.to(device).eval()
     options = {
@@ -153,7 +163,17 @@ def prepare(args: argparse.Namespace) -> Setup:
     }
     attacks = {name: build_attack(name, **options) for name in names}
     describe = trained.describe() if trained else {}
-    setup = Setup(args, datamodule, dataset, model, device, attacks, num_classes, defense=defense, describe=describe)
+    setup = Setup(
+        args,
+        datamodule,
+        dataset,
+        model,
+        device,
+        attacks,
+        num_classes,
+        defense=defense,
+        describe=describe,
+    )
     setup.describe["defense"] = describe_defense(defense)
     if args.analysis:
         from attacks.analysis import ErrorAnalysis
@@ -189,11 +209,16 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
 
     args = setup.args
     generator = torch.Generator().manual_seed(args.seed)
-    scores = {name: MethodScores(attack.restores_counts, args.simplified) for name, attack in setup.attacks.items()}
+    scores = {
+        name: MethodScores(attack.restores_counts, args.simplified)
+        for name, attack in setup.attacks.items()
+    }
     tries: list[dict] = []
     status = "complete"
     failure = None
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     progress = _progress(args)
     for extension in setup.extensions:
         extension.bind(run_dir, writer)
@@ -208,14 +233,20 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                 num_target_cls=args.num_target_cls,
                 num_uniform_cls=args.num_uniform_cls,
             )
-            true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(setup.device)
+            true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(
+                setup.device
+            )
             grads = batch_gradients(setup.model, load_chunks(setup, indices), args.num_images)
             if setup.defense is not None:
-                grads = setup.defense(grads, setup.model, lambda indices=indices: load_chunks(setup, indices))
+                grads = setup.defense(
+                    grads, setup.model, lambda indices=indices: load_chunks(setup, indices)
+                )
             known = true_counts > 0 if args.simplified else None
             shared = share(setup.model, grads, args.num_images, known_classes=known)
             record = {"true_counts": true_counts.tolist(), "methods": {}}
-            if not all(bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)):
+            if not all(
+                bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)
+            ):
                 # A diverged model or an extreme defense: the attacks still answer (their
                 # documented fallbacks), and the run reports how many tries this hit.
                 record["nonfinite_gradients"] = True
@@ -255,7 +286,12 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             progress.update(1)
     except (KeyboardInterrupt, Interrupted) as err:
         status = "incomplete"
-        log.warning("interrupted (%s) after %d of %d tries; results.json is marked incomplete", type(err).__name__, len(tries), args.num_tries)
+        log.warning(
+            "interrupted (%s) after %d of %d tries; results.json is marked incomplete",
+            type(err).__name__,
+            len(tries),
+            args.num_tries,
+        )
     except UserError as err:
         # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
         status = "failed"
@@ -282,7 +318,9 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             log.info("\n%s", text)
     affected = results["nonfinite_tries"]
     if affected:
-        log.warning("%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(tries))
+        log.warning(
+            "%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(tries)
+        )
     if failure is not None:
         raise UserError(failure)
     if status != "complete":
@@ -290,7 +328,9 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     return results
 
 
-def build_results(setup: Setup, scores: dict[str, MethodScores], tries: list[dict], status: str) -> dict:
+def build_results(
+    setup: Setup, scores: dict[str, MethodScores], tries: list[dict], status: str
+) -> dict:
     summary, spread, seconds = {}, {}, {}
     for method, score in scores.items():
         means = score.summary()

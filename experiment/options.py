@@ -27,7 +27,8 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
 def _coerce(action: argparse.Action, key: str, value, source: str):
     """Check and convert one config value the way the flag would have been."""
     flag_only = isinstance(
-        action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction
+        action,
+        argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction,
     )
     if flag_only:
         if not isinstance(value, bool):
@@ -72,11 +73,15 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> dict:
     actions = _actions_by_dest(parser)
     unknown = sorted(set(data) - set(actions))
     if unknown:
-        raise UserError(f"config file {path}: unknown option {unknown[0]!r}; valid options: {', '.join(sorted(actions))}")
+        raise UserError(
+            f"config file {path}: unknown option {unknown[0]!r}; valid options: {', '.join(sorted(actions))}"
+        )
     return {key: _coerce(actions[key], key, value, path) for key, value in data.items()}
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> argparse.Namespace:
     """Parse ``argv`` with the values of ``--config FILE`` as defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)

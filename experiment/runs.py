@@ -51,7 +51,11 @@ def new_run_dir(root: str | os.PathLike, exp_name: str) -> Path:
     """``<root>/<exp_name>/version_<n>`` with the next free n, created race-free."""
     base = Path(root) / exp_name
     base.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name.split("_", 1)[1]) for p in base.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    taken = [
+        int(p.name.split("_", 1)[1])
+        for p in base.glob("version_*")
+        if p.name.split("_", 1)[1].isdigit()
+    ]
     version = max(taken, default=-1) + 1
     while True:
         candidate = base / f"version_{version}"

@@ -87,14 +87,18 @@ class StageCheckpoint(ModelCheckpoint):
         if self.every and trainer.global_step == 0 and not trainer.fast_dev_run:
             trainer.save_checkpoint(self.format_checkpoint_name({}), weights_only=False)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         """Ctrl-C, SIGTERM or a crash: save ``..._interrupted.ckpt`` so ``--resume`` can go on.
 
         A name of its own keeps a mid-interval state out of the stage sweeps' globs.
         """
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        self.interrupted_path = os.path.join(self.dirpath, interrupted_checkpoint_name(self.model_name, self.dataset_name))
+        self.interrupted_path = os.path.join(
+            self.dirpath, interrupted_checkpoint_name(self.model_name, self.dataset_name)
+        )
         trainer.save_checkpoint(self.interrupted_path, weights_only=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

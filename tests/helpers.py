@@ -25,6 +25,8 @@ def labels_from_counts(counts) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel()), counts)
 
 
-def shared_for(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_size=None, known=None):
+def shared_for(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_size=None, known=None
+):
     grads = batch_gradients(model, chunked(inputs, labels, max_size), labels.numel())
     return share(model, grads, labels.numel(), known_classes=known)

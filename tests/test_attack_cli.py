@@ -11,7 +11,16 @@ from tests.conftest import REPO
 
 def run_attack(tmp_path, *args, check=True):
     results = tmp_path / "results.json"
-    cmd = [sys.executable, "attack.py", "--log_dir", str(tmp_path / "logs"), "--results", str(results), "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "attack.py",
+        "--log_dir",
+        str(tmp_path / "logs"),
+        "--results",
+        str(results),
+        "--quiet",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +45,9 @@ def test_default_run_is_the_first_experiment_on_synthetic_mnist(tmp_path):
     assert len(results["tries"]) == 5
     first = results["tries"][0]
     assert len(first["true_counts"]) == 10 and sum(first["true_counts"]) == 24
-    assert set(first["methods"]["iLRG"]) == {"counts"} and set(first["methods"]["GI"]) == {"present"}
+    assert set(first["methods"]["iLRG"]) == {"counts"} and set(first["methods"]["GI"]) == {
+        "present"
+    }
     run_dirs = sorted((tmp_path / "logs" / "Experiment1").iterdir())
     assert [d.name for d in run_dirs] == ["version_0"]
     files = {p.name for p in run_dirs[0].iterdir()}
@@ -48,7 +59,10 @@ def test_default_run_is_the_first_experiment_on_synthetic_mnist(tmp_path):
 def test_runs_never_overwrite_each_other(tmp_path):
     run_attack(tmp_path, "--num_tries", "1", "--exp_name", "again")
     run_attack(tmp_path, "--num_tries", "1", "--exp_name", "again")
-    assert sorted(d.name for d in (tmp_path / "logs" / "again").iterdir()) == ["version_0", "version_1"]
+    assert sorted(d.name for d in (tmp_path / "logs" / "again").iterdir()) == [
+        "version_0",
+        "version_1",
+    ]
 
 
 @pytest.mark.slow
@@ -88,7 +102,15 @@ def test_lenet5_on_real_cifar100(tmp_path, shared_data, silu):
 @pytest.mark.slow
 def test_lenet5_large_batch_on_real_cifar100(tmp_path, shared_data):
     common = (
-        *("--dataset", "CIFAR100", "--data_root", str(shared_data), "--split", "val", "--no-compare"),
+        *(
+            "--dataset",
+            "CIFAR100",
+            "--data_root",
+            str(shared_data),
+            "--split",
+            "val",
+            "--no-compare",
+        ),
         *("--model", "lenet5", "--num_images", "1024", "--num_tries", "5", "--max_size", "256"),
     )
     results, _ = run_attack(tmp_path, *common)
@@ -104,7 +126,14 @@ def test_lenet5_large_batch_on_real_cifar100(tmp_path, shared_data):
 def test_imagenet_sample(tmp_path, shared_data, model):
     results, _ = run_attack(
         tmp_path,
-        *("--dataset", "ImageNet", "--imagenet_dir", str(shared_data / "imagenet-sample"), "--split", "val"),
+        *(
+            "--dataset",
+            "ImageNet",
+            "--imagenet_dir",
+            str(shared_data / "imagenet-sample"),
+            "--split",
+            "val",
+        ),
         *("--model", model, "--num_images", "24", "--num_tries", "2"),
     )
     assert results["summary"]["iLRG"] == {"LeAcc": 1.0, "LnAcc": 1.0, "IRec": 1.0}
@@ -119,7 +148,10 @@ def test_imagenet_sample(tmp_path, shared_data, model):
         (["--attacks", "DLG"], "unknown attack 'DLG'; valid attacks:"),
         (["--dataset", "SYNTH_CIFAR100"], "model 'dnn' needs 1x28x28 input, dataset gives 3x32x32"),
         (["--num_images", "0"], "argument --num_images: must be >= 1, got 0"),
-        (["--distribution", "unique"], "distribution 'unique' needs one class per image: 24 images but only 10 classes"),
+        (
+            ["--distribution", "unique"],
+            "distribution 'unique' needs one class per image: 24 images but only 10 classes",
+        ),
         (["--dataset", "MNIST_GRAY", "--data_root", "/nonexistent"], "MNIST train split not found"),
         (["--silu"], "option --silu applies to lenet5 only"),
     ],

@@ -15,7 +15,11 @@ from tests.conftest import REPO
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    return (
+        struct.pack(">I", magic)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
 
 
 def write_mnist(root, images: np.ndarray, labels: np.ndarray, truncate: int = 0):
@@ -27,7 +31,16 @@ def write_mnist(root, images: np.ndarray, labels: np.ndarray, truncate: int = 0)
 
 
 def attack(tmp_path, *args):
-    cmd = [sys.executable, "attack.py", "--quiet", "--num_tries", "2", "--log_dir", str(tmp_path / "logs"), *args]
+    cmd = [
+        sys.executable,
+        "attack.py",
+        "--quiet",
+        "--num_tries",
+        "2",
+        "--log_dir",
+        str(tmp_path / "logs"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -43,14 +56,18 @@ def assert_one_line_error(proc, *fragments):
 def test_truncated_idx_file(tmp_path):
     images = np.zeros((40, 28, 28))
     write_mnist(tmp_path, images, np.arange(40) % 10, truncate=100)
-    proc = attack(tmp_path, "--dataset", "MNIST_GRAY", "--data_root", str(tmp_path), "--split", "val")
+    proc = attack(
+        tmp_path, "--dataset", "MNIST_GRAY", "--data_root", str(tmp_path), "--split", "val"
+    )
     assert_one_line_error(proc, "t10k-images-idx3-ubyte.gz", "bytes")
     assert not (tmp_path / "logs").exists()
 
 
 def test_images_of_the_wrong_size(tmp_path):
     write_mnist(tmp_path, np.zeros((40, 32, 32)), np.arange(40) % 10)
-    proc = attack(tmp_path, "--dataset", "MNIST_GRAY", "--data_root", str(tmp_path), "--split", "val")
+    proc = attack(
+        tmp_path, "--dataset", "MNIST_GRAY", "--data_root", str(tmp_path), "--split", "val"
+    )
     assert_one_line_error(proc, "t10k-images-idx3-ubyte.gz", "32x32, MNIST is 28x28")
 
 
@@ -59,7 +76,17 @@ def test_cifar_pickle_with_wrong_keys(tmp_path):
     folder.mkdir()
     with open(folder / "test", "wb") as out:
         pickle.dump({"images": np.zeros((10, 3072), np.uint8), "labels": list(range(10))}, out)
-    proc = attack(tmp_path, "--dataset", "CIFAR100", "--model", "lenet5", "--data_root", str(tmp_path), "--split", "val")
+    proc = attack(
+        tmp_path,
+        "--dataset",
+        "CIFAR100",
+        "--model",
+        "lenet5",
+        "--data_root",
+        str(tmp_path),
+        "--split",
+        "val",
+    )
     assert_one_line_error(proc, "cifar-100-python/test", "'data' and 'fine_labels'")
 
 
@@ -79,7 +106,17 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     with open(folder / "test", "wb") as out:
         pickle.dump({"data": _RunsACommand(marker), "fine_labels": [0]}, out)
-    proc = attack(tmp_path, "--dataset", "CIFAR100", "--model", "lenet5", "--data_root", str(tmp_path), "--split", "val")
+    proc = attack(
+        tmp_path,
+        "--dataset",
+        "CIFAR100",
+        "--model",
+        "lenet5",
+        "--data_root",
+        str(tmp_path),
+        "--split",
+        "val",
+    )
     assert_one_line_error(proc, "cifar-100-python/test")
     assert not marker.exists()
 
@@ -87,7 +124,17 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
 def test_imagenet_folder_without_images(tmp_path):
     (tmp_path / "val" / "n01440764").mkdir(parents=True)
     (tmp_path / "val" / "n01440764" / "notes.txt").write_text("no images here")
-    proc = attack(tmp_path, "--dataset", "ImageNet", "--model", "resnet18", "--imagenet_dir", str(tmp_path), "--split", "val")
+    proc = attack(
+        tmp_path,
+        "--dataset",
+        "ImageNet",
+        "--model",
+        "resnet18",
+        "--imagenet_dir",
+        str(tmp_path),
+        "--split",
+        "val",
+    )
     assert_one_line_error(proc, "ImageNet val split has no images")
 
 
@@ -105,7 +152,16 @@ def test_corrupt_jpeg_found_mid_run(tmp_path):
     results = tmp_path / "results.json"
     proc = attack(
         tmp_path,
-        *("--dataset", "ImageNet", "--model", "resnet18", "--imagenet_dir", str(tmp_path), "--split", "val"),
+        *(
+            "--dataset",
+            "ImageNet",
+            "--model",
+            "resnet18",
+            "--imagenet_dir",
+            str(tmp_path),
+            "--split",
+            "val",
+        ),
         *("--num_images", "9", "--no-compare", "--results", str(results)),
     )
     assert proc.returncode == 2, proc.stderr

@@ -21,14 +21,18 @@ def test_there_are_presets_for_the_papers_experiments():
     assert len([p for p in PRESETS if p.parent.name == "experiment1"]) == 5
 
 
-@pytest.mark.parametrize("preset", ATTACK_PRESETS, ids=lambda p: str(Path(p).relative_to(REPO / "configs")))
+@pytest.mark.parametrize(
+    "preset", ATTACK_PRESETS, ids=lambda p: str(Path(p).relative_to(REPO / "configs"))
+)
 def test_attack_preset_loads(preset):
     values = load_config(build_parser(), str(preset))
     assert values, f"{preset} is empty"
     assert "dataset" in values and "model" in values
 
 
-@pytest.mark.parametrize("preset", TRAIN_PRESETS, ids=lambda p: str(Path(p).relative_to(REPO / "configs")))
+@pytest.mark.parametrize(
+    "preset", TRAIN_PRESETS, ids=lambda p: str(Path(p).relative_to(REPO / "configs"))
+)
 def test_train_preset_loads(preset):
     values = load_config(build_train_parser(), str(preset))
     assert "dataset" in values and "model" in values

@@ -142,7 +142,11 @@ def test_round_counts_post_processing():
     ("raw", "k", "expected"),
     [
         ([1.4, 1.4, 1.2], 4, [2, 1, 1]),  # short by one: the entry rounded down most gains
-        ([1.6, 1.6, 0.6], 3, [1, 2, 0]),  # over by two: 0.6 -> 1 moved up most (in floats), then the first of the tied 1.6s
+        (
+            [1.6, 1.6, 0.6],
+            3,
+            [1, 2, 0],
+        ),  # over by two: 0.6 -> 1 moved up most (in floats), then the first of the tied 1.6s
         ([0.0, 0.0, 0.0], 7, [3, 2, 2]),  # nothing restored: round-robin by residual order
     ],
 )
@@ -169,9 +173,12 @@ def test_counts_are_integers_within_bounds_on_random_models():
 def test_norm_guard_replaces_only_blown_up_rows():
     from attacks.ilrg import fallback_rows, unstable_rows
 
-    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.2], [0.9, 0.9], [40.0, 0.0]], dtype=torch.float64)
+    embeddings = torch.tensor(
+        [[1.0, 0.0], [0.0, 1.2], [0.9, 0.9], [40.0, 0.0]], dtype=torch.float64
+    )
     probabilities = torch.tensor(
-        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.0, 0.0, 0.0, 1.0]],
+        dtype=torch.float64,
     )
     usable = torch.ones(4, dtype=torch.bool)
     unstable = unstable_rows(embeddings, usable, norm_guard=3.0)

@@ -28,7 +28,9 @@ def test_counts_are_bounded_integers_and_adjusted_sum_to_k(batch, norm_guard):
     model = TinyVictim(in_dim, dim, num_classes)
     labels = labels_from_counts(counts)
     k = labels.numel()
-    result = build_attack("iLRG", norm_guard=norm_guard)(shared_for(model, torch.randn(k, in_dim), labels))
+    result = build_attack("iLRG", norm_guard=norm_guard)(
+        shared_for(model, torch.randn(k, in_dim), labels)
+    )
     assert result.counts.dtype == torch.long
     assert int(result.counts.min()) >= 0 and int(result.counts.max()) <= k
     assert int(result.adjusted_counts.sum()) == k
@@ -46,5 +48,7 @@ def test_zero_weight_layer_restores_every_multiset_exactly(batch, bias_scale):
         model.classifier.weight.zero_()
         model.classifier.bias.normal_().mul_(bias_scale)
     labels = labels_from_counts(counts)
-    result = build_attack("iLRG")(shared_for(model, torch.randn(labels.numel(), in_dim) * 3, labels))
+    result = build_attack("iLRG")(
+        shared_for(model, torch.randn(labels.numel(), in_dim) * 3, labels)
+    )
     assert result.counts.tolist() == counts

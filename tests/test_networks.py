@@ -134,7 +134,11 @@ def test_dnn_hidden_layers(n_hidden):
 
 def test_dnn_width():
     net = build_network("dnn", NUM_CLASSES, MNIST, n_hidden=2, n_dim=50)
-    assert [layer.out_features for layer in modules_of_type(net.features, nn.Linear)] == [50, 50, 50]
+    assert [layer.out_features for layer in modules_of_type(net.features, nn.Linear)] == [
+        50,
+        50,
+        50,
+    ]
     assert net.embedding_dim == 50
 
 

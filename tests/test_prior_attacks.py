@@ -39,7 +39,10 @@ def test_gradinversion_uses_the_row_minimum():
     present = build_attack("GI")(shared).present
     assert present.tolist() == [True, False, True, False]
     shared = hand_made([[0.6, -0.1], [0.1, 0.3]])
-    assert build_attack("GI")(shared).present.tolist() == [True, False]  # row sum > 0, still present
+    assert build_attack("GI")(shared).present.tolist() == [
+        True,
+        False,
+    ]  # row sum > 0, still present
     assert build_attack("iDLG")(shared).present.tolist() == [False, False]
 
 
@@ -114,7 +117,9 @@ def test_rlg_pruning_agrees_with_one_lp_per_class():
         shared = shared_for(model, torch.rand(k, 20), labels)
         rows = label_space(shared.weight_grad, k)
         order = np.arange(num_classes)
-        assert (present_classes(rows, order, prune=True) == present_classes(rows, order, prune=False)).all()
+        assert (
+            present_classes(rows, order, prune=True) == present_classes(rows, order, prune=False)
+        ).all()
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

@@ -19,7 +19,9 @@ def _comparable(results: dict) -> dict:
     """results.json without what legitimately differs between two runs: timings and output paths."""
     results = dict(results)
     results.pop("seconds_per_try")
-    results["config"] = {k: v for k, v in results["config"].items() if k not in ("results", "log_dir")}
+    results["config"] = {
+        k: v for k, v in results["config"].items() if k not in ("results", "log_dir")
+    }
     return results
 
 
@@ -27,22 +29,55 @@ def test_same_seed_same_batches_and_counts_across_processes(tmp_path):
     outputs = []
     for name in ("a", "b"):
         path = tmp_path / f"{name}.json"
-        cmd = [sys.executable, "attack.py", "--quiet", "--num_tries", "4", "--log_dir", str(tmp_path / name)]
-        proc = subprocess.run([*cmd, "--results", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        cmd = [
+            sys.executable,
+            "attack.py",
+            "--quiet",
+            "--num_tries",
+            "4",
+            "--log_dir",
+            str(tmp_path / name),
+        ]
+        proc = subprocess.run(
+            [*cmd, "--results", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr
         outputs.append(json.loads(path.read_text()))
     assert _comparable(outputs[0]) == _comparable(outputs[1])
     other = tmp_path / "c.json"
-    cmd = [sys.executable, "attack.py", "--quiet", "--num_tries", "4", "--seed", "7", "--log_dir", str(tmp_path / "c")]
-    subprocess.run([*cmd, "--results", str(other)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "attack.py",
+        "--quiet",
+        "--num_tries",
+        "4",
+        "--seed",
+        "7",
+        "--log_dir",
+        str(tmp_path / "c"),
+    ]
+    subprocess.run(
+        [*cmd, "--results", str(other)], cwd=REPO, check=True, capture_output=True, timeout=300
+    )
     assert json.loads(other.read_text())["tries"] != outputs[0]["tries"]
 
 
 def test_interrupted_run_keeps_finished_tries_marked_incomplete(tmp_path):
     results = tmp_path / "results.json"
-    cmd = [sys.executable, "attack.py", "--num_tries", "100000", "--log_dir", str(tmp_path / "logs")]
+    cmd = [
+        sys.executable,
+        "attack.py",
+        "--num_tries",
+        "100000",
+        "--log_dir",
+        str(tmp_path / "logs"),
+    ]
     proc = subprocess.Popen(
-        [*cmd, "--results", str(results)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*cmd, "--results", str(results)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         # Wait until the run has started trying (the progress bar shows a finished try).
@@ -97,7 +132,10 @@ class _RunsACommand:
 def test_checkpoints_that_would_run_code_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "dnn_SYNTH_MNIST_Iter5.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"model": "dnn"}, "payload": _RunsACommand(marker)}, evil)
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"model": "dnn"}, "payload": _RunsACommand(marker)},
+        evil,
+    )
     commands = {
         "attack.py": ["attack.py", "--checkpoint", str(evil)],
         "attack.py --checkpoints": ["attack.py", "--checkpoints", str(tmp_path / "*.ckpt")],
@@ -113,7 +151,10 @@ def test_checkpoints_that_would_run_code_are_refused(tmp_path):
         )
         assert proc.returncode == 2, (name, proc.stderr)
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and str(evil) in lines[0] and "refused" in lines[0], (name, proc.stderr)
+        assert len(lines) == 1 and str(evil) in lines[0] and "refused" in lines[0], (
+            name,
+            proc.stderr,
+        )
         assert not marker.exists(), name
 
 
@@ -124,9 +165,20 @@ def test_interrupted_training_leaves_a_checkpoint_to_resume_from(tmp_path):
         sys.executable,
         "train.py",
         *("--model_path", str(ckpt), "--log_dir", str(tmp_path / "logs"), "--quiet"),
-        *("--iter_train", "--iters", "1200", "--mid_save", "--iter_interval", "200", "--batch_size", "8"),
+        *(
+            "--iter_train",
+            "--iters",
+            "1200",
+            "--mid_save",
+            "--iter_interval",
+            "200",
+            "--batch_size",
+            "8",
+        ),
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not (ckpt / "dnn_SYNTH_MNIST_Iter200.ckpt").exists() and time.monotonic() < deadline:
@@ -137,11 +189,19 @@ def test_interrupted_training_leaves_a_checkpoint_to_resume_from(tmp_path):
         proc.kill()
     interrupted = ckpt / "dnn_SYNTH_MNIST_interrupted.ckpt"
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == f"train.py: interrupted; resume with --resume {interrupted}"
+    assert (
+        err.strip().splitlines()[-1] == f"train.py: interrupted; resume with --resume {interrupted}"
+    )
     state = torch.load(interrupted, weights_only=True)
     assert 200 <= state["global_step"] < 1200
-    resumed = subprocess.run([*cmd, "--resume", str(interrupted)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*cmd, "--resume", str(interrupted)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    stages = sorted(int(p.stem.rsplit("Iter", 1)[1]) for p in ckpt.glob("dnn_SYNTH_MNIST_Iter*.ckpt"))
+    stages = sorted(
+        int(p.stem.rsplit("Iter", 1)[1]) for p in ckpt.glob("dnn_SYNTH_MNIST_Iter*.ckpt")
+    )
     assert stages == [0, 200, 400, 600, 800, 1000, 1200]
-    assert torch.load(ckpt / "dnn_SYNTH_MNIST_Iter1200.ckpt", weights_only=True)["global_step"] == 1200
+    assert (
+        torch.load(ckpt / "dnn_SYNTH_MNIST_Iter1200.ckpt", weights_only=True)["global_step"] == 1200
+    )
