@@ -160,10 +160,12 @@ def unstable_rows(
     explode and so does e_c: its softmax becomes arbitrary and spoils every
     equation it enters. ``norm_guard = 0`` finds none (the published method).
     """
-    if norm_guard <= 0 or int(usable.sum()) < 2:
+    count = int(usable.sum()) if norm_guard > 0 else 0
+    if count < 2:
         return torch.zeros_like(usable)
     norms = embeddings.norm(dim=1)
-    return usable & (norms > norm_guard * norms[usable].median())
+    median = norms.median() if count == usable.numel() else norms[usable].median()
+    return usable & (norms > norm_guard * median)
 
 
 def fallback_rows(
@@ -205,11 +207,11 @@ def solve_counts(
     singular, through the normal equations.
     """
     num_classes = probabilities.shape[0]
-    counts = torch.zeros(num_classes, dtype=torch.float64, device=probabilities.device)
     if bool((unknowns & equations).all()):
         solution = solve_square(probabilities, bias_grad, num_images)
         if solution is not None:
-            return torch.nan_to_num(solution, nan=0.0, posinf=0.0, neginf=0.0)
+            return solution.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=probabilities.device)
     if not bool(unknowns.any()) or not bool(equations.any()):
         return counts
     # A[i, j] = p_j[i] - [i == j]: sample mass of class j that lands on output i, minus its label.
@@ -257,7 +259,7 @@ def solve_square(
     system = probabilities.T + 1.0
     system.diagonal().sub_(1.0)
     target = num_images * bias_grad.to(torch.float64)
-    rhs = target - target.mean() + num_images
+    rhs = target.sub_(target.mean() - num_images)
     factor, pivots, info = torch.linalg.lu_factor_ex(system)
     smallest, largest = factor.diagonal().abs().aminmax()
     if not bool((info == 0) & (smallest > SINGULAR_PIVOT_RATIO * largest)):
@@ -345,7 +347,8 @@ class ILRG:
         )
         # A class with a finite but exactly-zero bias gradient (sum_n p_n[c] == k_c) keeps its
         # unknown count and gets a stand-in probability row; a non-finite one is left out.
-        finite = torch.isfinite(bias_grad) & finite_rows(shared.weight_grad)
+        equations = torch.isfinite(bias_grad)
+        finite = equations & finite_rows(shared.weight_grad)
         embeddings, usable = embeddings_of_finite(shared.weight_grad, bias_grad, finite)
         if self.estimate:
             probabilities = torch.full(
@@ -378,7 +381,6 @@ class ILRG:
                 bias,
                 self.alpha,
             )
-        equations = torch.isfinite(bias_grad)
         unknowns = finite
         if self.simplified:
             if shared.known_classes is None:

@@ -35,9 +35,9 @@ class _PerBatchMean(Metric):
                 f"restored {tuple(restored.shape)} and true {tuple(true_counts.shape)} differ in shape"
             )
         scores = self.batch_scores(restored, true_counts).to(torch.float64)
-        defined = ~torch.isnan(scores)
-        self.score_sum += scores[defined].sum()
-        self.batches += defined.sum()
+        # NaN marks a batch with no defined score (say, LnAcc over no present class).
+        self.score_sum += scores.nansum()
+        self.batches += (~torch.isnan(scores)).sum()
 
     def compute(self) -> torch.Tensor:
         if int(self.batches) == 0:

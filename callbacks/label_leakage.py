@@ -166,6 +166,8 @@ class LabelLeakageCallback(pl.Callback):
         self._counts_step = -1
         # Rank zero's per-step values not yet handed to the loggers: (step, values).
         self._pending: list[tuple[int, dict[str, float]]] = []
+        # Rank zero's scored steps not yet added to the epoch metrics: (restored, true) rows.
+        self._unrecorded: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -188,6 +190,7 @@ class LabelLeakageCallback(pl.Callback):
                 metric.reset()
         self.last_result = None
         self._pending = []
+        self._unrecorded = {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # An optimizer step never spans epochs; counts left over belong to a skipped step.
@@ -244,10 +247,8 @@ class LabelLeakageCallback(pl.Callback):
         if num_images == 0:
             return
         with one_cpu_thread(attack_device(layer)):
-            shared = self._shared_gradients(layer, num_images)
-            if not bool(
-                torch.isfinite(shared.weight_grad).all() & torch.isfinite(shared.bias_grad).all()
-            ):
+            shared, finite = self._shared_gradients(layer, num_images)
+            if not finite:
                 # An fp16 overflow (which the gradient scaler skips) or a diverged run: nothing to restore.
                 return
             restorations = {name: attack(shared) for name, attack in self.attacks.items()}
@@ -260,14 +261,20 @@ class LabelLeakageCallback(pl.Callback):
             self._flush(trainer)
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        """Give every logger the per-step values waiting, each at its own step."""
+        """Give every logger the per-step values waiting, each at its own step; update the metrics."""
         pending, self._pending = self._pending, []
         for logger in trainer.loggers:
             for step, values in pending:
                 logger.log_metrics(values, step=step)
+        unrecorded, self._unrecorded = self._unrecorded, {}
+        for (name, metric_name), rows in unrecorded.items():
+            restored, true_counts = (torch.cat(part) for part in zip(*rows))
+            # One update for many steps: a (steps, C) batch, each row scored on its own.
+            self.metrics[name][metric_name].update(restored, true_counts)
 
-    def _shared_gradients(self, layer: nn.Linear, num_images: int) -> SharedGradients:
-        """What the server sees, as copies: the attacks never alias ``.grad`` or the weights.
+    def _shared_gradients(self, layer: nn.Linear, num_images: int) -> tuple[SharedGradients, bool]:
+        """What the server sees, as copies (the attacks never alias ``.grad`` or the weights),
+        and whether the gradients are finite.
 
         The copies keep the gradient's precision (the attacks compute in float64
         themselves): iLRG's fast products are exact to that precision.
@@ -278,27 +285,31 @@ class LabelLeakageCallback(pl.Callback):
         ]
         # One new buffer (cat copies), so the host waits for the device once and copies once.
         flat = torch.cat([part.reshape(-1) for part in parts]).to(attack_device(layer))
-        weight_grad, bias_grad, weight, bias = flat.split([part.numel() for part in parts])
+        sizes = [part.numel() for part in parts]
+        weight_grad, bias_grad, weight, bias = flat.split(sizes)
         shape = layer.weight.shape
-        return SharedGradients(
+        shared = SharedGradients(
             weight_grad=weight_grad.view(shape),
             bias_grad=bias_grad,
             weight=weight.view(shape),
             bias=bias,
             num_images=num_images,
         )
+        return shared, bool(torch.isfinite(flat[: sizes[0] + sizes[1]]).all())
 
     def _score(
         self, restorations: dict[str, Restoration], true_counts: torch.Tensor
     ) -> dict[str, float]:
         values = {}
+        true_counts = true_counts[None]
         for name, restoration in restorations.items():
             for metric_name, metric in self.metrics[name].items():
                 restored = restoration.present if metric_name == "LeAcc" else restoration.counts
                 restored = restored.cpu()[None]
-                # The step's own score from the metric's definition; update() adds it to the epoch.
-                value = float(metric.batch_scores(restored, true_counts[None]))
-                metric.update(restored, true_counts)
+                # The step's own score from the metric's definition; the epoch's metric gets the
+                # step with the others when the values are flushed.
+                value = float(metric.batch_scores(restored, true_counts))
+                self._unrecorded.setdefault((name, metric_name), []).append((restored, true_counts))
                 values[f"{STEP_PREFIX}/{name}/{metric_name}"] = value
         return values
 
