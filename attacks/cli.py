@@ -8,7 +8,13 @@ from attacks.analysis import add_analysis_arguments
 from attacks.defenses import add_defense_arguments
 from attacks.reconstruction import add_reconstruction_arguments
 from attacks.stages import add_checkpoint_arguments
-from experiment.options import OneLineParser, add_config_argument, non_negative_float, positive_int
+from experiment.options import (
+    OneLineParser,
+    add_config_argument,
+    add_network_arguments,
+    non_negative_float,
+    positive_int,
+)
 
 DEFAULT_DATASET = "SYNTH_MNIST"
 
@@ -86,20 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_uniform_cls", type=positive_int, default=8, help="classes in a 'balanced' batch"
     )
 
-    model = parser.add_argument_group("victim model")
-    model.add_argument(
-        "--model", default="dnn", help="dnn, lenet5, vgg11/13/16/19, resnet18/34/50/101/152"
-    )
-    model.add_argument("--n_hidden", type=int, default=1, help="dnn: hidden layers (1 = FCN-3)")
-    model.add_argument("--n_dim", type=positive_int, default=300, help="dnn: hidden width")
-    model.add_argument("--dropout", action="store_true", help="vgg: dropout 0.5 in the classifier")
-    model.add_argument(
-        "--batchnorm", action="store_true", help="lenet5: batch norm after each conv"
-    )
-    model.add_argument("--silu", action="store_true", help="lenet5: SiLU activations (LeNet-S)")
-    model.add_argument(
-        "--leaky_relu", action="store_true", help="lenet5: LeakyReLU(0.01) activations"
-    )
+    add_network_arguments(parser)
     add_checkpoint_arguments(parser)
 
     attack = parser.add_argument_group("attack")

@@ -122,3 +122,21 @@ def percentage(text: str) -> float:
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be a percentage in [0, 100], got {text}")
     return value
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The victim network's options, the same for attack.py and train.py."""
+    model = parser.add_argument_group("victim model")
+    model.add_argument(
+        "--model", default="dnn", help="dnn, lenet5, vgg11/13/16/19, resnet18/34/50/101/152"
+    )
+    model.add_argument("--n_hidden", type=int, default=1, help="dnn: hidden layers (1 = FCN-3)")
+    model.add_argument("--n_dim", type=positive_int, default=300, help="dnn: hidden width")
+    model.add_argument("--dropout", action="store_true", help="vgg: dropout 0.5 in the classifier")
+    model.add_argument(
+        "--batchnorm", action="store_true", help="lenet5: batch norm after each conv"
+    )
+    model.add_argument("--silu", action="store_true", help="lenet5: SiLU activations (LeNet-S)")
+    model.add_argument(
+        "--leaky_relu", action="store_true", help="lenet5: LeakyReLU(0.01) activations"
+    )
