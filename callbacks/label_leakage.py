@@ -213,10 +213,10 @@ class LabelLeakageCallback(pl.Callback):
             # One bin per class and one for labels outside them, found when the counts are read.
             self._counts = torch.zeros(num_classes + 1, dtype=torch.long, device=labels.device)
             self._counts_step = step
-        labels = labels.to(self._counts.device, torch.long)
-        labels = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+        # Labels outside [0, C) land in bin C: clamped to [-1, C], then -1 wraps around to C.
+        bins = labels.to(self._counts.device, torch.long).clamp(-1, num_classes) % (num_classes + 1)
         # index_add_, not bincount: bincount on CUDA reads the largest label back to the host.
-        self._counts.index_add_(0, labels, torch.ones_like(labels))
+        self._counts.index_add_(0, bins, torch.ones_like(bins))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer
