@@ -11,12 +11,11 @@ from attacks.stages import add_checkpoint_arguments
 from experiment.options import (
     OneLineParser,
     add_config_argument,
+    add_data_source_arguments,
     add_network_arguments,
     non_negative_float,
     positive_int,
 )
-
-DEFAULT_DATASET = "SYNTH_MNIST"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,19 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     data = parser.add_argument_group("data and batch composition")
-    data.add_argument(
-        "--dataset",
-        default=DEFAULT_DATASET,
-        help="MNIST_GRAY, MNIST, CIFAR100, ImageNet or SYNTH_*",
-    )
-    data.add_argument(
-        "--data_root", default="data", help="folder holding MNIST/raw, cifar-100-python, ..."
-    )
-    data.add_argument(
-        "--imagenet_dir",
-        default=None,
-        help="ImageNet folder with train/ and val/ (None: <data_root>/ImageNet)",
-    )
+    add_data_source_arguments(data)
     data.add_argument(
         "--split",
         default="train",

@@ -140,3 +140,18 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--leaky_relu", action="store_true", help="lenet5: LeakyReLU(0.01) activations"
     )
+
+
+def add_data_source_arguments(group) -> None:
+    """Which data set and where its files are, the same for attack.py and train.py."""
+    group.add_argument(
+        "--dataset", default="SYNTH_MNIST", help="MNIST_GRAY, MNIST, CIFAR100, ImageNet or SYNTH_*"
+    )
+    group.add_argument(
+        "--data_root", default="data", help="folder holding MNIST/raw, cifar-100-python, ..."
+    )
+    group.add_argument(
+        "--imagenet_dir",
+        default=None,
+        help="ImageNet folder with train/ and val/ (None: <data_root>/ImageNet)",
+    )

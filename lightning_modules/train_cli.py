@@ -7,11 +7,11 @@ import argparse
 from experiment.options import (
     OneLineParser,
     add_config_argument,
+    add_data_source_arguments,
     add_network_arguments,
     positive_int,
 )
 
-DEFAULT_DATASET = "SYNTH_MNIST"
 DEFAULT_EPOCHS = 100
 DEFAULT_ITERS = 1000
 DEFAULT_MODEL_PATH = "checkpoints"
@@ -110,19 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset",
-        default=DEFAULT_DATASET,
-        help="MNIST_GRAY, MNIST, CIFAR100, ImageNet or SYNTH_*",
-    )
-    data.add_argument(
-        "--data_root", default="data", help="folder holding MNIST/raw, cifar-100-python, ..."
-    )
-    data.add_argument(
-        "--imagenet_dir",
-        default=None,
-        help="ImageNet folder with train/ and val/ (default <data_root>/ImageNet)",
-    )
+    add_data_source_arguments(data)
     data.add_argument(
         "--train_partition",
         choices=["train", "val", "all"],
