@@ -364,16 +364,9 @@ def test_train_and_attack_share_network_option_defaults():
         vars(train_parser().parse_args([])),
         vars(attack_parser().parse_args([])),
     )
-    for option in (
-        "dataset",
-        "model",
-        "n_hidden",
-        "n_dim",
-        "batchnorm",
-        "dropout",
-        "silu",
-        "leaky_relu",
-    ):
+    from attacks.stages import CHECKPOINT_OPTIONS
+
+    for option in CHECKPOINT_OPTIONS:
         assert train_defaults[option] == attack_defaults[option], option
     for option in ("epochs", "iters", "model_path", "iter_train", "seed", "data_root"):
         assert train_defaults[option] == attack_defaults[option], option
