@@ -1,15 +1,32 @@
 """Label-restoration attacks on shared gradients, behind the ``ATTACKS`` registry."""
 
 # Importing a module registers its attack.
-from attacks import bias_corrected, gradinversion, idlg, ilrg, llg, random_guess, rlg  # noqa: F401
+from attacks import (  # noqa: F401
+    bias_corrected,
+    gradinversion,
+    idlg,
+    ilrg,
+    llbg,
+    llg,
+    random_guess,
+    rlg,
+    rlu,
+    zeros,
+)
+from attacks.auxiliary import AuxiliaryData
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import ATTACKS, build_attack, check_attack_name
 
 #: the methods ``--compare`` runs besides iLRG, in table order
-PRIOR_ATTACKS = ("iDLG", "GI", "RLG", "LLG", "bias", "random")
+PRIOR_ATTACKS = ("iDLG", "GI", "RLG", "LLG", "bias", "random", "zeros")
+#: the attacks that need the server's auxiliary data (``--aux_split``); ``--compare`` adds them
+#: when auxiliary data is given
+AUXILIARY_ATTACKS = ("RLU", "LLBG")
 
 __all__ = [
     "ATTACKS",
+    "AUXILIARY_ATTACKS",
+    "AuxiliaryData",
     "PRIOR_ATTACKS",
     "Restoration",
     "SharedGradients",

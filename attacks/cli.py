@@ -8,11 +8,13 @@ from attacks.analysis import add_analysis_arguments
 from attacks.defenses import add_defense_arguments
 from attacks.reconstruction import add_reconstruction_arguments
 from attacks.stages import add_checkpoint_arguments
+from datamodules.views import VIEWS
 from experiment.options import (
     OneLineParser,
     add_config_argument,
     add_data_source_arguments,
     add_network_arguments,
+    add_partition_arguments,
     non_negative_float,
     positive_int,
 )
@@ -57,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--split",
         default="train",
-        choices=["train", "val", "all"],
-        help="which split batches come from",
+        choices=VIEWS,
+        help="which data batches come from: a split, or train.py's training (fit_train) or held-out "
+        "(fit_val) data; a checkpoint brings its --train_partition",
     )
+    add_partition_arguments(data)
     data.add_argument("--num_images", type=positive_int, default=24, help="batch size K")
     data.add_argument(
         "--max_size",
@@ -90,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run the prior attacks iDLG, GI, RLG, LLG, bias and random (--no-compare: only --attacks)",
+        help="also run the prior attacks iDLG, GI, RLG, LLG, bias, random and zeros, and RLU and LLBG "
+        "where there is auxiliary data (--no-compare: only --attacks)",
     )
     attack.add_argument(
         "--simplified",
@@ -111,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="iLRG: a class whose restored embedding is this many times the median norm gets the mean "
         "probability row instead (its bias gradient is near zero); 0 = the paper's method as published",
+    )
+    aux = parser.add_argument_group(
+        "auxiliary data (the server's labelled samples, for RLU and LLBG)"
+    )
+    aux.add_argument(
+        "--aux_split",
+        default="auto",
+        choices=("auto", *VIEWS),
+        help="where the auxiliary samples come from; never data the attacked batches come from. "
+        "auto: the held-out counterpart of --split (val for train, fit_val for fit_train, and back), "
+        "and without it on disk --compare leaves RLU and LLBG out",
+    )
+    aux.add_argument(
+        "--aux_per_class",
+        type=positive_int,
+        default=10,
+        help="auxiliary samples per class (fewer where the split has fewer)",
     )
     add_defense_arguments(parser)
     add_analysis_arguments(parser)

@@ -78,14 +78,16 @@ def share(
 ) -> SharedGradients:
     """What the server holds after the client shares ``parameter_grads``."""
     name, layer = last_linear_layer(model, layer_name)
+    prefix = f"{name}." if name else ""  # a bare nn.Linear is its own last layer
     return SharedGradients(
-        weight_grad=parameter_grads[f"{name}.weight"],
-        bias_grad=parameter_grads[f"{name}.bias"],
+        weight_grad=parameter_grads[f"{prefix}weight"],
+        bias_grad=parameter_grads[f"{prefix}bias"],
         weight=layer.weight.detach(),
         bias=layer.bias.detach(),
         num_images=num_images,
         parameter_grads=parameter_grads,
         known_classes=known_classes,
+        model=model,
     )
 
 

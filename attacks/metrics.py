@@ -71,6 +71,18 @@ class LabelNumberAccuracy(_PerBatchMean):
         return (correct * present).sum(dim=-1) / present.sum(dim=-1)
 
 
+class ExactCounts(_PerBatchMean):
+    """Exact: 1 for a batch whose restored count vector equals the true one, else 0.
+
+    The strictest score: one class off by one fails the whole batch. It is what a
+    user of the labels (say, image reconstruction) needs, and unlike LnAcc it has
+    no floor from the absent classes: predicting nothing scores 0.
+    """
+
+    def batch_scores(self, restored, true_counts):
+        return (restored.long() == true_counts.long()).all(dim=-1).double()
+
+
 class InstanceRecall(_PerBatchMean):
     """IRec: fraction of the K instances whose label is restored, sum_c min(k'_c, k_c) / K."""
 
@@ -79,10 +91,20 @@ class InstanceRecall(_PerBatchMean):
         return hits / true_counts.long().sum(dim=-1).double()
 
 
-def metric_set(restores_counts: bool, simplified: bool = False) -> dict[str, _PerBatchMean]:
-    """The metrics a method is scored with: LeAcc always, LnAcc and IRec when it gives counts."""
-    metrics: dict[str, _PerBatchMean] = {"LeAcc": LabelExistenceAccuracy()}
+def metric_set(
+    restores_counts: bool, simplified: bool = False, **metric_options
+) -> dict[str, _PerBatchMean]:
+    """The metrics a method is scored with: LeAcc always; LnAcc, LnAcc+, IRec and Exact with counts.
+
+    LnAcc is the paper's (over all C classes, or over the present ones in the
+    simplified setting); LnAcc+ always averages over the present classes only, so
+    the absent classes that an attack predicting nothing gets right do not lift
+    it. ``metric_options`` go to every ``Metric`` (e.g. ``sync_on_compute``).
+    """
+    metrics: dict[str, _PerBatchMean] = {"LeAcc": LabelExistenceAccuracy(**metric_options)}
     if restores_counts:
-        metrics["LnAcc"] = LabelNumberAccuracy(present_only=simplified)
-        metrics["IRec"] = InstanceRecall()
+        metrics["LnAcc"] = LabelNumberAccuracy(present_only=simplified, **metric_options)
+        metrics["LnAcc+"] = LabelNumberAccuracy(present_only=True, **metric_options)
+        metrics["IRec"] = InstanceRecall(**metric_options)
+        metrics["Exact"] = ExactCounts(**metric_options)
     return metrics

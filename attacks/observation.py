@@ -21,7 +21,10 @@ class SharedGradients:
     ``bias`` are that layer's parameters (the server sent them). ``parameter_grads``
     holds the gradients of every parameter by name, for attacks that use more than
     the last layer. ``known_classes`` is the oracle knowledge of the simplified
-    setting (which classes are present), ``None`` otherwise.
+    setting (which classes are present), ``None`` otherwise. ``model`` is the
+    whole network as the server sent it (the weights the gradient was taken
+    at), for attacks that run it on the server's own data; ``None`` where only
+    the last layer is at hand.
     """
 
     weight_grad: torch.Tensor
@@ -31,6 +34,7 @@ class SharedGradients:
     num_images: int
     parameter_grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     known_classes: torch.Tensor | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:

@@ -58,26 +58,42 @@ SKETCH_OVERSAMPLING = 10
 
 
 def label_space(weight_grad: torch.Tensor, num_images: int) -> np.ndarray:
-    """U_r: the first min(K, rank) left singular vectors of grad_W, as a C x r array."""
+    """U_r: the first min(K, rank) left singular vectors of grad_W, as a C x r array.
+
+    The rank is the numerical rank in the gradient's own precision: computed in
+    float64, a float32 gradient of a trained model has singular values down to
+    its rounding (about 1e-7 of the largest) that are noise, and the directions
+    they add let almost every class pass the cone test.
+    """
+    eps = rounding_of(weight_grad)
     matrix = weight_grad.to(torch.float64, copy=True)
     with one_cpu_thread(matrix.device):
         torch.nan_to_num_(matrix, nan=0.0, posinf=0.0, neginf=0.0)
-        left = _leading_left_vectors(matrix, num_images)
+        left = _leading_left_vectors(matrix, num_images, eps)
         if left is None:
-            left = _left_vectors_by_svd(matrix, num_images)
+            left = _left_vectors_by_svd(matrix, num_images, eps)
     return left.cpu().numpy()
 
 
-def _left_vectors_by_svd(matrix: torch.Tensor, num_images: int) -> torch.Tensor:
+def rounding_of(tensor: torch.Tensor) -> float:
+    """The relative rounding of the tensor's dtype (float32's 1.2e-7; float64 for other kinds)."""
+    return torch.finfo(tensor.dtype if tensor.is_floating_point() else torch.float64).eps
+
+
+def rank_tolerance(largest: float, shape, eps: float) -> float:
+    """Singular values at most this are rounding: numpy's matrix_rank rule, in the data's precision."""
+    return largest * max(shape) * eps
+
+
+def _left_vectors_by_svd(matrix: torch.Tensor, num_images: int, eps: float) -> torch.Tensor:
     left, singular, _ = torch.linalg.svd(matrix, full_matrices=False)
     if singular.numel() == 0 or float(singular[0]) == 0.0:
         return matrix.new_zeros((matrix.shape[0], 0))
-    tolerance = float(singular[0]) * max(matrix.shape) * torch.finfo(torch.float64).eps
-    rank = int((singular > tolerance).sum())
+    rank = int((singular > rank_tolerance(float(singular[0]), matrix.shape, eps)).sum())
     return left[:, : min(num_images, rank)]
 
 
-def _leading_left_vectors(matrix: torch.Tensor, num_images: int) -> torch.Tensor | None:
+def _leading_left_vectors(matrix: torch.Tensor, num_images: int, eps: float) -> torch.Tensor | None:
     """The first K left singular vectors by a randomized range finder, or None where the full SVD is due.
 
     A random sketch of K + 10 columns, one power iteration and an SVD of the
@@ -99,8 +115,7 @@ def _leading_left_vectors(matrix: torch.Tensor, num_images: int) -> torch.Tensor
     basis = torch.linalg.qr((basis.T @ matrix).T).Q  # ... one power iteration ...
     basis = torch.linalg.qr((basis.T @ matrix.T).T).Q
     left, singular, _ = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    tolerance = float(singular[0]) * max(rows, cols) * torch.finfo(torch.float64).eps
-    if not float(singular[num_images - 1]) > tolerance:
+    if not float(singular[num_images - 1]) > rank_tolerance(float(singular[0]), (rows, cols), eps):
         return None
     return basis @ left[:, :num_images]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from attacks import PRIOR_ATTACKS, build_attack, check_attack_name
+from attacks import AUXILIARY_ATTACKS, PRIOR_ATTACKS, AuxiliaryData, build_attack, check_attack_name
 from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.report import METRIC_NAMES, MethodScores, format_table
@@ -84,11 +84,83 @@ class Setup:
     describe: dict = field(default_factory=dict)
 
 
-def method_names(args: argparse.Namespace) -> list[str]:
-    names = list(dict.fromkeys(args.attacks + (list(PRIOR_ATTACKS) if args.compare else [])))
+def method_names(args: argparse.Namespace, auxiliary: bool = False) -> list[str]:
+    """``--attacks``, then with ``--compare`` the prior attacks (and, given auxiliary data, RLU and LLBG)."""
+    compared = list(PRIOR_ATTACKS) + (list(AUXILIARY_ATTACKS) if auxiliary else [])
+    names = list(dict.fromkeys(args.attacks + (compared if args.compare else [])))
     for name in names:
         check_attack_name(name)
     return names
+
+
+def victim_partition(args: argparse.Namespace, trained):
+    """train.py's partition: the checkpoint's (an option saying otherwise is an error), else the options'."""
+    from datamodules.views import Partition
+
+    given = (
+        Partition(args.train_partition, args.val_fraction, args.seed)
+        if args.train_partition
+        else None
+    )
+    if trained is None or not trained.data_hparams:
+        return given
+    saved = trained.partition()
+    if args.train_partition is not None and (saved is None or saved.split != args.train_partition):
+        raise UserError(
+            f"--train_partition {args.train_partition} conflicts with the checkpoint {trained.path} "
+            f"(trained with train_partition {saved.split if saved else 'none'})"
+        )
+    return saved
+
+
+def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, num_classes):
+    """The server's labelled samples and what results.json says of them; (None, None) without.
+
+    ``--aux_split auto`` takes the held-out counterpart of the attacked data where
+    its files are there, and otherwise none (so RLU and LLBG stay out of
+    ``--compare``). Data the attacked batches come from is never auxiliary data.
+    """
+    from datamodules.views import COUNTERPART, auxiliary_sample, data_view
+    from experiment.errors import DataError
+
+    wanted = any(name in AUXILIARY_ATTACKS for name in args.attacks)
+    name = args.aux_split
+    if name == "auto":
+        name = COUNTERPART.get(args.split)
+        if name is None:
+            if wanted:
+                raise UserError(
+                    f"--split {args.split} has no held-out counterpart for the auxiliary data; name one with --aux_split"
+                )
+            return None, None
+        try:
+            view = data_view(datamodule, name, partition)
+        except DataError as err:
+            if wanted:
+                raise UserError(
+                    f"no auxiliary data for {', '.join(a for a in args.attacks if a in AUXILIARY_ATTACKS)}: {err}"
+                ) from None
+            log.info("no auxiliary data (%s): RLU and LLBG are left out", err)
+            return None, None
+    else:
+        view = data_view(datamodule, name, partition)
+    if view.overlaps(attacked):
+        raise UserError(
+            f"--aux_split {name} shares samples with the attacked --split {args.split}: "
+            "the auxiliary data would hold the batches' own samples"
+        )
+    generator = torch.Generator().manual_seed(args.seed)
+    indices = auxiliary_sample(view, num_classes, args.aux_per_class, generator)
+    images, labels = view.load(indices)
+    auxiliary = AuxiliaryData(images, labels)
+    auxiliary.check_covers(num_classes)
+    per_class = torch.bincount(labels, minlength=num_classes)
+    return auxiliary, {
+        "split": name,
+        "per_class": args.aux_per_class,
+        "samples": int(labels.numel()),
+        "fewest_of_a_class": int(per_class.min()),
+    }
 
 
 def choose_device(accelerator: str) -> torch.device:
@@ -126,12 +198,14 @@ def prepare(args: argparse.Namespace) -> Setup:
     """Check everything and load data and model; raises ``UserError`` and writes nothing."""
     from attacks.stages import resolve_victim
     from datamodules import build_datamodule, dataset_info
+    from datamodules.base import SPLITS
     from datamodules.composition import check_composition
+    from datamodules.views import data_view
     from lightning_modules.networks import check_network_fits
 
     # A trained victim brings its own dataset, model and network options.
     args, trained = resolve_victim(args)
-    names = method_names(args)
+    method_names(args)  # unknown names fail before any data is read
     if args.devices != 1:
         raise UserError(
             f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs"
@@ -143,11 +217,14 @@ def prepare(args: argparse.Namespace) -> Setup:
     datamodule = build_datamodule(
         args.dataset,
         data_root=args.data_root,
-        split=args.split,
+        split=args.split if args.split in SPLITS else "all",
         imagenet_dir=args.imagenet_dir,
         seed=args.seed,
     )
-    dataset = datamodule.dataset(args.split)
+    partition = victim_partition(args, trained)
+    dataset = data_view(datamodule, args.split, partition)
+    auxiliary, aux_description = auxiliary_data(args, datamodule, dataset, partition, num_classes)
+    names = method_names(args, auxiliary is not None)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(
         class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls
@@ -160,9 +237,12 @@ def prepare(args: argparse.Namespace) -> Setup:
         "simplified": args.simplified,
         "norm_guard": args.norm_guard,
         "seed": args.seed,
+        "auxiliary": auxiliary,
     }
     attacks = {name: build_attack(name, **options) for name in names}
     describe = trained.describe() if trained else {}
+    if aux_description is not None:
+        describe["auxiliary"] = aux_description
     setup = Setup(
         args,
         datamodule,

@@ -94,6 +94,19 @@ class TrainedVictim:
     stage: int
     network: object
     hparams: dict
+    #: the data module's options train.py ran with (its --train_partition, --val_fraction, --seed)
+    data_hparams: dict
+
+    def partition(self):
+        """train.py's partition of one split, or None where it trained on the train split."""
+        from datamodules.views import Partition
+
+        split = self.data_hparams.get("train_partition")
+        if split is None:
+            return None
+        return Partition(
+            split, float(self.data_hparams["val_fraction"]), int(self.data_hparams["seed"])
+        )
 
     def describe(self) -> dict:
         """What results.json says about the victim."""
@@ -207,7 +220,8 @@ def resolve_victim(args: argparse.Namespace) -> tuple[argparse.Namespace, Traine
     adopted = adopt_options(args, hparams, path)
     classifier = classifier_from_checkpoint(checkpoint, path)
     unit, n = checkpoint_stage(path, checkpoint)
-    return adopted, TrainedVictim(path, unit, n, classifier.network, hparams)
+    data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    return adopted, TrainedVictim(path, unit, n, classifier.network, hparams, data_hparams)
 
 
 def adopt_options(args: argparse.Namespace, hparams: dict, path) -> argparse.Namespace:

@@ -42,10 +42,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
-from attacks import Restoration, SharedGradients, build_attack
+from attacks import AuxiliaryData, Restoration, SharedGradients, build_attack
 from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
-from attacks.metrics import InstanceRecall, LabelExistenceAccuracy, LabelNumberAccuracy
+from attacks.metrics import metric_set
 from experiment.errors import UserError
 
 #: iLRG's work grows as C^2 (d + C) for C classes and d features; layers below this
@@ -84,11 +84,20 @@ def unsynced_metrics(restores_counts: bool) -> dict[str, Metric]:
     Only rank zero attacks and updates them, so a sync at ``compute`` would wait
     forever for ranks that never call it.
     """
-    metrics: dict[str, Metric] = {"LeAcc": LabelExistenceAccuracy(sync_on_compute=False)}
-    if restores_counts:
-        metrics["LnAcc"] = LabelNumberAccuracy(sync_on_compute=False)
-        metrics["IRec"] = InstanceRecall(sync_on_compute=False)
-    return metrics
+    return metric_set(restores_counts, sync_on_compute=False)
+
+
+def auxiliary_data(auxiliary) -> AuxiliaryData | None:
+    """The server's labelled samples from ``AuxiliaryData``, an ``(images, labels)`` pair or a DataLoader."""
+    if auxiliary is None or isinstance(auxiliary, AuxiliaryData):
+        return auxiliary
+    if (
+        isinstance(auxiliary, (tuple, list))
+        and len(auxiliary) == 2
+        and all(isinstance(part, torch.Tensor) for part in auxiliary)
+    ):
+        return AuxiliaryData(auxiliary[0], auxiliary[1].long())
+    return AuxiliaryData.from_batches(auxiliary)
 
 
 def batch_labels(batch) -> torch.Tensor:
@@ -121,9 +130,12 @@ class LabelLeakageCallback(pl.Callback):
     each attack in ``attacks`` (names of ``attacks.ATTACKS``, built with
     ``attack_options``) restores the labels of the step's batch from the
     gradients of ``layer_name`` (default: ``classifier``, else the last
-    ``nn.Linear`` of the LightningModule; it needs a bias). Every logger gets
-    ``leakage/<attack>/<metric>`` at that global step: LeAcc, plus LnAcc and IRec
-    for attacks that restore counts; at the end of each epoch it gets their means
+    ``nn.Linear`` of the LightningModule; it needs a bias). ``auxiliary`` is the
+    server's labelled data for RLU and LLBG: ``AuxiliaryData``, an
+    ``(images, labels)`` pair of tensors or a DataLoader of such batches, with
+    every class in it. Every logger gets
+    ``leakage/<attack>/<metric>`` at that global step: LeAcc, plus LnAcc, LnAcc+,
+    IRec and Exact for attacks that restore counts; at the end of each epoch it gets their means
     over the epoch's attacked steps as ``leakage_epoch/<attack>/<metric>``.
 
     The LightningModule must train with automatic optimization on a mean
@@ -139,6 +151,7 @@ class LabelLeakageCallback(pl.Callback):
         attacks: Iterable[str] = ("iLRG",),
         layer_name: str | None = None,
         attack_options: Mapping[str, object] | None = None,
+        auxiliary=None,
     ):
         super().__init__()
         if isinstance(attack_every_n_steps, bool) or not isinstance(attack_every_n_steps, int):
@@ -150,7 +163,8 @@ class LabelLeakageCallback(pl.Callback):
         names = (attacks,) if isinstance(attacks, str) else tuple(dict.fromkeys(attacks))
         if not names:
             raise UserError("LabelLeakageCallback needs at least one attack")
-        options = dict(attack_options or {})
+        self.auxiliary = auxiliary_data(auxiliary)
+        options = {**dict(attack_options or {}), "auxiliary": self.auxiliary}
         self.attack_every_n_steps = attack_every_n_steps
         self.attacks = {name: build_attack(name, **options) for name in names}
         self.metrics = {
@@ -183,6 +197,11 @@ class LabelLeakageCallback(pl.Callback):
             raise UserError(
                 f"the attacked layer {self.layer_name!r} is frozen: it has no gradient to attack"
             )
+        if self.auxiliary is not None:
+            self.auxiliary.check_covers(self._layer.out_features)
+        for attack in self.attacks.values():
+            if hasattr(attack, "layer_name"):
+                attack.layer_name = self.layer_name
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for metrics in self.metrics.values():
@@ -247,7 +266,7 @@ class LabelLeakageCallback(pl.Callback):
         if num_images == 0:
             return
         with one_cpu_thread(attack_device(layer)):
-            shared, finite = self._shared_gradients(layer, num_images)
+            shared, finite = self._shared_gradients(layer, num_images, pl_module)
             if not finite:
                 # An fp16 overflow (which the gradient scaler skips) or a diverged run: nothing to restore.
                 return
@@ -272,7 +291,9 @@ class LabelLeakageCallback(pl.Callback):
             # One update for many steps: a (steps, C) batch, each row scored on its own.
             self.metrics[name][metric_name].update(restored, true_counts)
 
-    def _shared_gradients(self, layer: nn.Linear, num_images: int) -> tuple[SharedGradients, bool]:
+    def _shared_gradients(
+        self, layer: nn.Linear, num_images: int, model: nn.Module
+    ) -> tuple[SharedGradients, bool]:
         """What the server sees, as copies (the attacks never alias ``.grad`` or the weights),
         and whether the gradients are finite.
 
@@ -294,6 +315,9 @@ class LabelLeakageCallback(pl.Callback):
             weight=weight.view(shape),
             bias=bias,
             num_images=num_images,
+            # The weights the gradient was taken at (the optimizer has not stepped yet): the
+            # auxiliary attacks run the model on the server's data with them.
+            model=model,
         )
         return shared, bool(torch.isfinite(flat[: sizes[0] + sizes[1]]).all())
 

@@ -188,6 +188,19 @@ class EpochShuffle(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
+def split_indices(
+    n: int, val_fraction: float, seed: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted, disjoint (train, val) indices of ``n`` samples; ``val_fraction`` of them,
+    at least one and at most all but one, held out, in a seeded random choice."""
+    if n < 2:
+        raise UserError(f"cannot partition {what}: it has {n} sample(s)")
+    n_val = min(max(round(val_fraction * n), 1), n - 1)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
 class ImageClassificationDataModule(pl.LightningDataModule):
     """Base of every data set in ``DATASETS``: splits, partitions and dataloaders.
 
@@ -282,15 +295,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """
         if self.train_partition is None:
             raise UserError("partition_indices needs train_partition to name a split")
-        n = len(self.dataset(self.train_partition))
-        if n < 2:
-            raise UserError(
-                f"cannot partition the {self.train_partition} split of {self.name}: it has {n} sample(s)"
-            )
-        n_val = min(max(round(self.val_fraction * n), 1), n - 1)
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(n, generator=generator)
-        return order[n_val:].sort().values, order[:n_val].sort().values
+        return split_indices(
+            len(self.dataset(self.train_partition)),
+            self.val_fraction,
+            self.seed,
+            f"the {self.train_partition} split of {self.name}",
+        )
 
     # --- Lightning hooks -------------------------------------------------------------
 

@@ -124,6 +124,30 @@ def percentage(text: str) -> float:
     return value
 
 
+def positive_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def add_partition_arguments(group) -> None:
+    """train.py's partition of one split into training and held-out parts (attack.py: fit_train/fit_val)."""
+    group.add_argument(
+        "--train_partition",
+        choices=["train", "val", "all"],
+        default=None,
+        help="train and validate on a seeded partition of this one split (for a data set with only that split on disk) "
+        "instead of training on train and validating on val",
+    )
+    group.add_argument(
+        "--val_fraction",
+        type=positive_fraction,
+        default=0.1,
+        help="held-out share of --train_partition",
+    )
+
+
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     """The victim network's options, the same for attack.py and train.py."""
     model = parser.add_argument_group("victim model")

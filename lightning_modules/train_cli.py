@@ -9,6 +9,7 @@ from experiment.options import (
     add_config_argument,
     add_data_source_arguments,
     add_network_arguments,
+    add_partition_arguments,
     positive_int,
 )
 
@@ -42,13 +43,6 @@ def devices_option(text: str) -> int | str:
     if all(part.strip().isdigit() for part in ids if part.strip()) and any(p.strip() for p in ids):
         return text
     raise argparse.ArgumentTypeError(f"expected auto, a count or ids like 0,1; got {text!r}")
-
-
-def positive_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
 
 
 def non_negative_int(text: str) -> int:
@@ -111,19 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     add_data_source_arguments(data)
-    data.add_argument(
-        "--train_partition",
-        choices=["train", "val", "all"],
-        default=None,
-        help="train and validate on a seeded partition of this one split (for a data set with only that split on disk) "
-        "instead of training on train and validating on val",
-    )
-    data.add_argument(
-        "--val_fraction",
-        type=positive_fraction,
-        default=0.1,
-        help="held-out share of --train_partition",
-    )
+    add_partition_arguments(data)
     data.add_argument(
         "--augment", action="store_true", help="augment the training images (CIFAR-100, ImageNet)"
     )

@@ -39,8 +39,19 @@ def test_default_run_is_the_first_experiment_on_synthetic_mnist(tmp_path):
         "num_classes": 10,
     }
     assert results["config"]["model"] == "dnn" and results["config"]["num_images"] == 24
-    assert list(results["summary"]) == ["iLRG", "iDLG", "GI", "RLG", "LLG", "bias", "random"]
-    assert set(results["summary"]["iLRG"]) == {"LeAcc", "LnAcc", "IRec"}
+    assert list(results["summary"]) == [
+        "iLRG",
+        "iDLG",
+        "GI",
+        "RLG",
+        "LLG",
+        "bias",
+        "random",
+        "zeros",
+        "RLU",
+        "LLBG",
+    ]
+    assert set(results["summary"]["iLRG"]) == {"LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact"}
     assert set(results["summary"]["GI"]) == {"LeAcc"}
     assert len(results["tries"]) == 5
     first = results["tries"][0]
@@ -136,7 +147,13 @@ def test_imagenet_sample(tmp_path, shared_data, model):
         ),
         *("--model", model, "--num_images", "24", "--num_tries", "2"),
     )
-    assert results["summary"]["iLRG"] == {"LeAcc": 1.0, "LnAcc": 1.0, "IRec": 1.0}
+    assert results["summary"]["iLRG"] == {
+        "LeAcc": 1.0,
+        "LnAcc": 1.0,
+        "LnAcc+": 1.0,
+        "IRec": 1.0,
+        "Exact": 1.0,
+    }
 
 
 @pytest.mark.parametrize(

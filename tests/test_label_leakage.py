@@ -25,7 +25,7 @@ from tests.tiny_training import (
     tensorboard_logger,
 )
 
-COUNT_METRICS = ("LeAcc", "LnAcc", "IRec")
+COUNT_METRICS = ("LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact")
 
 
 def fit(callback, tmp_path, model=None, data=None, batch_size=16, shuffle=False, **trainer_options):

@@ -45,5 +45,5 @@ def test_shape_mismatch_is_refused():
 def test_metric_set_by_method_kind():
     assert list(metric_set(restores_counts=False)) == ["LeAcc"]
     counting = metric_set(restores_counts=True, simplified=True)
-    assert list(counting) == ["LeAcc", "LnAcc", "IRec"]
+    assert list(counting) == ["LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact"]
     assert counting["LnAcc"].present_only

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import ATTACKS, PRIOR_ATTACKS, SharedGradients, build_attack
+from attacks import (
+    ATTACKS,
+    AUXILIARY_ATTACKS,
+    PRIOR_ATTACKS,
+    AuxiliaryData,
+    SharedGradients,
+    build_attack,
+)
 from attacks.llg import impact_counts
 from attacks.rlg import label_space, present_classes
 from experiment.errors import UserError
@@ -24,7 +31,7 @@ def hand_made(weight_grad, bias_grad=None, k=3):
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert set(PRIOR_ATTACKS) | {"iLRG"} == set(ATTACKS)
+    assert set(PRIOR_ATTACKS) | set(AUXILIARY_ATTACKS) | {"iLRG"} == set(ATTACKS)
     with pytest.raises(UserError, match=r"^unknown attack 'DLG'; valid attacks: .*iLRG"):
         build_attack("DLG")
 
@@ -126,7 +133,16 @@ def test_rlg_pruning_agrees_with_one_lp_per_class():
 def test_every_attack_survives_non_finite_gradients(name):
     weight_grad = torch.tensor([[float("nan"), 0.1], [0.2, float("inf")], [-0.3, 0.1], [0.1, 0.1]])
     shared = hand_made(weight_grad.tolist(), bias_grad=[float("nan"), 0.1, -0.2, 0.1], k=2)
-    result = build_attack(name)(shared)
+    options = {}
+    if name in AUXILIARY_ATTACKS:
+        # The server's model diverged too: its outputs on the auxiliary data are not finite.
+        model = TinyVictim(in_dim=3, dim=2, num_classes=4)
+        with torch.no_grad():
+            model.classifier.weight[0, 0] = float("nan")
+            model.classifier.weight[1, 1] = float("inf")
+        shared = shared.replace(model=model)
+        options["auxiliary"] = AuxiliaryData(torch.rand(8, 3), torch.arange(8) % 4)
+    result = build_attack(name, **options)(shared)
     assert result.present.dtype == torch.bool and result.present.shape == (4,)
     if result.counts is not None:
         assert result.counts.dtype == torch.long

@@ -108,9 +108,26 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
     }
     assert summary["status"] == "complete" and summary["unit"] == "iteration"
     assert summary["stages"] == list(STAGES) and summary["pending"] == []
-    assert summary["methods"] == ["iLRG", "iDLG", "GI", "RLG", "LLG", "bias", "random"]
+    assert summary["methods"] == [
+        "iLRG",
+        "iDLG",
+        "GI",
+        "RLG",
+        "LLG",
+        "bias",
+        "random",
+        "zeros",
+        "RLU",
+        "LLBG",
+    ]
     assert [r["label"] for r in summary["results"]] == [f"Iter{n}" for n in STAGES]
-    assert set(summary["results"][0]["summary"]["iLRG"]) == {"LeAcc", "LnAcc", "IRec"}
+    assert set(summary["results"][0]["summary"]["iLRG"]) == {
+        "LeAcc",
+        "LnAcc",
+        "LnAcc+",
+        "IRec",
+        "Exact",
+    }
 
     # One table, stage x method, after the per-stage ones.
     table = proc.stderr + proc.stdout

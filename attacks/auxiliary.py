@@ -1,0 +1,172 @@
+"""The server's auxiliary data: a few labelled samples per class, and what the model does on them.
+
+The auxiliary-data attacks (RLU, LLBG) assume the server holds a small labelled
+set from the task's distribution, never the client's batch. On it the server
+measures, for every true class j, the model's mean softmax output
+E[p | y = j] (row j of ``probabilities``: its diagonal is the confidence, the
+rest the "erroneous confidence") and the mean of (p - onehot(j)) times the
+sample's embedding sum (row j of ``weighted_errors``). Both are expectations of
+exactly the per-sample terms that the last layer's gradient sums over the batch:
+
+    K grad_b         = sum_n (p_n - y_n)             ~ sum_j k_j (P_j - e_j)
+    K grad_W.sum(1)  = sum_n (p_n - y_n) sum_i e_n,i ~ sum_j k_j B_j
+
+so the counts k solve a linear system whose matrices come from the auxiliary data.
+
+The statistics depend on the weights; an attack keeps the last ones with the
+version counters of the model's tensors and recomputes only after a weight
+changed (an optimizer step during training, another checkpoint in a sweep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attacks.gradients import embed_and_forward
+from experiment.errors import UserError
+
+#: samples per forward pass over the auxiliary set: bounds memory, not results
+AUX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class AuxiliaryData:
+    """Labelled samples the server holds: ``images`` (N x ...) and class-index ``labels`` (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.labels.dim() != 1 or self.images.shape[0] != self.labels.shape[0]:
+            raise UserError(
+                f"auxiliary data needs one label per image, got {tuple(self.images.shape)} images "
+                f"and {tuple(self.labels.shape)} labels"
+            )
+
+    @classmethod
+    def from_batches(cls, batches: Iterable) -> AuxiliaryData:
+        """From a DataLoader (or any iterable) of ``(images, labels)`` batches."""
+        images, labels = [], []
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise UserError(
+                    f"auxiliary batches must be (images, labels), got {type(batch).__name__}"
+                )
+            images.append(torch.as_tensor(batch[0]))
+            labels.append(torch.as_tensor(batch[1]).long())
+        if not images:
+            raise UserError("the auxiliary data loader gave no batches")
+        return cls(torch.cat(images), torch.cat(labels))
+
+    def check_covers(self, num_classes: int) -> None:
+        """UserError naming the classes without a sample: their statistics would be guesses."""
+        counts = torch.bincount(self.labels.clamp(0, num_classes), minlength=num_classes + 1)
+        outside = int(counts[num_classes]) + int((self.labels < 0).sum())
+        if outside:
+            raise UserError(
+                f"{outside} auxiliary labels are not classes of a {num_classes}-class model"
+            )
+        missing = torch.nonzero(counts[:num_classes] == 0).flatten().tolist()
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise UserError(
+                f"the auxiliary data has no sample of {len(missing)} class(es): {shown}; "
+                "the auxiliary attacks need every class (more --aux_per_class or another --aux_split)"
+            )
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """Per-true-class means over the auxiliary data, in float64 (C x C each, row = true class)."""
+
+    #: row j: E[p | y = j]; the diagonal is the model's confidence on class j
+    probabilities: torch.Tensor
+    #: row j: E[(p - onehot(j)) * sum_i e_i | y = j], the per-sample term of grad_W's row sums
+    weighted_errors: torch.Tensor
+    #: samples per class that the means are over
+    samples: torch.Tensor
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.probabilities.diagonal()
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout, batch-norm running statistics untouched), then as it was."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def class_statistics(
+    model: nn.Module, auxiliary: AuxiliaryData, num_classes: int, layer_name: str | None = None
+) -> ClassStatistics:
+    """Run the model on the auxiliary data and average the gradient's per-sample terms per class."""
+    auxiliary.check_covers(num_classes)
+    device = next(model.parameters()).device
+    probability_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    error_sums = torch.zeros_like(probability_sums)
+    with evaluation_mode(model), torch.no_grad():
+        for start in range(0, auxiliary.labels.numel(), AUX_BATCH):
+            images = auxiliary.images[start : start + AUX_BATCH].to(device)
+            labels = auxiliary.labels[start : start + AUX_BATCH]
+            embeddings, logits = embed_and_forward(model, images, layer_name)
+            probabilities = torch.softmax(logits.to(torch.float64), dim=1).cpu()
+            errors = probabilities - nn.functional.one_hot(labels, num_classes)
+            embedding_sums = embeddings.to(torch.float64).sum(dim=1).cpu()
+            probability_sums.index_add_(0, labels, probabilities)
+            error_sums.index_add_(0, labels, errors * embedding_sums[:, None])
+    samples = torch.bincount(auxiliary.labels, minlength=num_classes)
+    return ClassStatistics(
+        probability_sums / samples[:, None], error_sums / samples[:, None], samples
+    )
+
+
+def weights_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``model`` is written in place (or replaced)."""
+    return (id(model),) + tuple(
+        (id(t), t._version) for t in (*model.parameters(), *model.buffers())
+    )
+
+
+class AuxiliaryAttack:
+    """Base of the attacks that use the server's auxiliary data and the model (``shared.model``)."""
+
+    restores_counts = True
+
+    def __init__(self, auxiliary: AuxiliaryData | None, layer_name: str | None = None):
+        if auxiliary is None:
+            raise UserError(
+                f"attack {self.name!r} needs auxiliary data (attack.py: --aux_split, --aux_per_class; "
+                "callback: auxiliary=)"
+            )
+        self.auxiliary = auxiliary
+        self.layer_name = layer_name
+        self._cached: tuple[tuple, ClassStatistics] | None = None
+
+    @classmethod
+    def from_options(cls, auxiliary: AuxiliaryData | None = None, **_):
+        return cls(auxiliary)
+
+    def statistics(self, model: nn.Module | None, num_classes: int) -> ClassStatistics:
+        if model is None:
+            raise UserError(
+                f"attack {self.name!r} runs the model on the auxiliary data: share(...) the model too"
+            )
+        key = weights_version(model)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (
+                key,
+                class_statistics(model, self.auxiliary, num_classes, self.layer_name),
+            )
+        return self._cached[1]
