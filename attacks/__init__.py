@@ -21,7 +21,7 @@ from attacks.registry import ATTACKS, build_attack, check_attack_name
 PRIOR_ATTACKS = ("iDLG", "GI", "RLG", "LLG", "bias", "random", "zeros")
 #: the attacks that need the server's auxiliary data (``--aux_split``); ``--compare`` adds them
 #: when auxiliary data is given
-AUXILIARY_ATTACKS = ("RLU", "LLBG")
+AUXILIARY_ATTACKS = ("RLU", "LLBG", "RLU+")
 
 __all__ = [
     "ATTACKS",

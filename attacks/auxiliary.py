@@ -90,6 +90,11 @@ class ClassStatistics:
     weighted_errors: torch.Tensor
     #: samples per class that the means are over
     samples: torch.Tensor
+    #: whether every auxiliary embedding is >= 0 (a ReLU before the layer), as row tests assume
+    non_negative_embeddings: bool
+    #: per auxiliary sample: p - onehot(y) minus its class's mean (N x C), and its label (N,)
+    deviations: torch.Tensor
+    labels: torch.Tensor
 
     @property
     def confidence(self) -> torch.Tensor:
@@ -116,6 +121,8 @@ def class_statistics(
     device = next(model.parameters()).device
     probability_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     error_sums = torch.zeros_like(probability_sums)
+    non_negative = True
+    errors_per_sample = []
     with evaluation_mode(model), torch.no_grad():
         for start in range(0, auxiliary.labels.numel(), AUX_BATCH):
             images = auxiliary.images[start : start + AUX_BATCH].to(device)
@@ -124,11 +131,21 @@ def class_statistics(
             probabilities = torch.softmax(logits.to(torch.float64), dim=1).cpu()
             errors = probabilities - nn.functional.one_hot(labels, num_classes)
             embedding_sums = embeddings.to(torch.float64).sum(dim=1).cpu()
+            non_negative = non_negative and bool((embeddings >= 0).all())
+            errors_per_sample.append(errors)
             probability_sums.index_add_(0, labels, probabilities)
             error_sums.index_add_(0, labels, errors * embedding_sums[:, None])
     samples = torch.bincount(auxiliary.labels, minlength=num_classes)
+    probabilities = probability_sums / samples[:, None]
+    mean_errors = probabilities - torch.eye(num_classes, dtype=torch.float64)
+    deviations = torch.cat(errors_per_sample) - mean_errors[auxiliary.labels]
     return ClassStatistics(
-        probability_sums / samples[:, None], error_sums / samples[:, None], samples
+        probabilities,
+        error_sums / samples[:, None],
+        samples,
+        non_negative,
+        deviations,
+        auxiliary.labels.clone(),
     )
 
 

@@ -96,6 +96,32 @@ def test_rlu_restores_exact_counts_when_the_auxiliary_statistics_are_the_batchs(
 # LLBG ignores the erroneous confidence that other samples put on a present class; here it
 # all lands on the last class, so the batches leave that class out.
 @pytest.mark.parametrize("counts", [[3, 2, 1, 0], [0, 4, 2, 0], [1, 1, 5, 0]])
+def test_rlu_given_presence_is_exact_where_every_sample_of_a_class_adds_the_same(counts):
+    # One auxiliary sample per class: no spread, so the whitened equations decide, not the prior.
+    model = confident_linear_model(GAPS)
+    restoration = build_attack("RLU+", auxiliary=auxiliary_one_per_class(4))(
+        shared_batch(model, counts)
+    )
+    assert restoration.counts.tolist() == counts
+
+
+def test_rlu_given_presence_falls_back_on_the_prior_where_samples_differ_wildly():
+    # Auxiliary samples of each class range from barely fitted to certain: a count cannot be
+    # read off the gradient, and the K - n labels beyond one per class spread evenly.
+    model = confident_linear_model(GAPS)
+    scales = torch.tensor([0.05, 1.0, 3.0])
+    images = torch.cat([torch.eye(4)[:3] * s for s in scales] + [torch.eye(4)[3:]])
+    labels = torch.cat([torch.arange(3)] * 3 + [torch.tensor([3])])
+    counts = [6, 1, 1, 0]
+    restoration = build_attack("RLU+", auxiliary=AuxiliaryData(images, labels))(
+        shared_batch(model, counts)
+    )
+    # 8 labels over 3 present classes: 8/3 each, rounded to 3, 3, 2 in some order.
+    assert sorted(restoration.counts[:3].tolist()) == [2, 3, 3]
+    assert int(restoration.counts[3]) == 0
+
+
+@pytest.mark.parametrize("counts", [[3, 2, 1, 0], [0, 4, 2, 0], [1, 1, 5, 0]])
 def test_llbg_restores_exact_counts_with_per_class_impacts(counts):
     model = confident_linear_model(GAPS)
     shared = shared_batch(model, counts)
