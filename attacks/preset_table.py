@@ -16,8 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from attacks.report import METRIC_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ("LeAcc", "LnAcc", "IRec")
+COLUMNS = METRIC_NAMES
 
 
 def run_preset(config: str, extra: list[str], results: Path) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import Result, format_seconds, quartiles, seconds
+from benchmarks.trained import trained_stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,9 @@ class Settings:
 
     quick: bool = False
     threads: int = 1
+    #: the real data sets (``../shared/data``) and where the trained-stage case keeps its runs
+    data_root: Path = REPO.parent / "shared" / "data"
+    work_dir: Path = REPO / "benchmarks" / "work"
 
     def pick(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -534,4 +538,7 @@ CASES = {
     "chunking": chunked_gradients,
     "attack_py": attack_end_to_end,
     "gpu": gpu_resnet50,
+    "trained": trained_stages,
 }
+#: cases that run only when named with --only (they train victims: tens of minutes)
+ON_REQUEST = ("trained",)

@@ -3,7 +3,8 @@
 Prints one table and writes ``benchmarks/results.json``: per case the median
 over repeats, the spread (interquartile range with 4 or more repeats, else
 min..max), the value the target is stated in, the target and pass/fail.
-``--only`` picks cases, ``--quick`` is a smoke run with few repeats (its
+``--only`` picks cases (``trained``, which trains victims, runs only when
+named), ``--quick`` is a smoke run with few repeats (its
 numbers are not measurements). GPU cases are skipped, and say so, without CUDA.
 Torch runs on ``--threads`` intra-op threads (default 1): on a 2-core machine
 shared with other jobs, two threads made the same training run take from 0.2 s
@@ -25,7 +26,7 @@ if __package__ in (None, ""):  # python benchmarks/run.py
 
 import torch
 
-from benchmarks.cases import CASES, Settings
+from benchmarks.cases import CASES, ON_REQUEST, Settings
 from benchmarks.common import table
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
@@ -59,12 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="where results.json goes"
     )
+    parser.add_argument(
+        "--data_root",
+        type=Path,
+        default=Settings.data_root,
+        help="the real data sets (trained: MNIST and CIFAR-100)",
+    )
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=Settings.work_dir,
+        help="trained: checkpoints and sweeps (reused when there)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = Settings(quick=args.quick, threads=args.threads)
+    settings = Settings(
+        quick=args.quick, threads=args.threads, data_root=args.data_root, work_dir=args.work_dir
+    )
     started = time.perf_counter()
     results = []
-    for name in args.only or list(CASES):
+    for name in args.only or [name for name in CASES if name not in ON_REQUEST]:
         case_started = time.perf_counter()
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         results += CASES[name](settings)

@@ -70,7 +70,12 @@ def test_training_is_the_same_with_and_without_the_callback(tmp_path):
         )
         return model, torch.get_rng_state()
 
-    callback = LabelLeakageCallback(attacks=("iLRG", "random", "iDLG", "LLG"))
+    # The auxiliary attacks run the model (dropout 0.5) on the server's data at every step.
+    auxiliary = labelled_data(num_samples=40, noise=0.3, seed=1)
+    callback = LabelLeakageCallback(
+        attacks=("iLRG", "random", "iDLG", "LLG", "RLU", "RLU+"),
+        auxiliary=loader(auxiliary, batch_size=16),
+    )
     with_callback, rng_with = train(callback)
     without, rng_without = train(None)
     assert callback.last_result.step == 7
@@ -79,6 +84,23 @@ def test_training_is_the_same_with_and_without_the_callback(tmp_path):
     ):
         assert torch.equal(value, expected), name
     assert torch.equal(rng_with, rng_without)
+
+
+def test_auxiliary_attacks_follow_the_training_and_need_every_class(tmp_path):
+    # Every input is one shared vector: each auxiliary sample is what every batch sample is,
+    # so RLU's statistics are the batch's own at every step and its counts are exact.
+    data = labelled_data(num_samples=64)
+    auxiliary = (data.tensors[0][:10], torch.arange(10))
+    callback = LabelLeakageCallback(attacks=("RLU", "LLBG", "RLU+"), auxiliary=auxiliary)
+    _, logger = fit(callback, tmp_path, data=data, max_steps=3)
+    logged = scalars(logger.log_dir)
+    assert logged["leakage/RLU/Exact"] == [(0, 1.0), (1, 1.0), (2, 1.0)]
+    assert {f"leakage/{a}/{m}" for a in ("LLBG", "RLU+") for m in COUNT_METRICS} <= set(logged)
+    missing = LabelLeakageCallback(
+        attacks=("RLU",), auxiliary=(torch.randn(9, 12), torch.arange(9))
+    )
+    with pytest.raises(UserError, match=r"^the auxiliary data has no sample of 1 class\(es\): 9; "):
+        fit(missing, tmp_path / "missing", max_steps=1)
 
 
 def test_accumulated_micro_batches_are_scored_as_one_batch(tmp_path):
