@@ -42,14 +42,22 @@ SUM_ROW_WEIGHT = 1e3
 
 
 def round_to_total(values: torch.Tensor, total: int) -> torch.Tensor:
-    """Non-negative integers summing to ``total``, each within one of ``values`` (largest remainders)."""
+    """Non-negative integers summing to ``total``, each within one of ``values`` (largest remainders).
+
+    Values that are not finite count as zero; all zero, the total is spread evenly.
+    """
+    values = torch.nan_to_num(values.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
     values = values.clamp_min(0)
+    if not float(values.sum()) > 0:
+        values = torch.full_like(values, total / max(values.numel(), 1))
     floors = values.floor()
     counts = floors.long()
     missing = total - int(counts.sum())
     fraction = values - floors
     if missing > 0:
-        counts[torch.topk(fraction, missing).indices] += 1
+        whole, rest = divmod(missing, counts.numel())
+        counts += whole
+        counts[torch.topk(fraction, rest).indices] += 1
     while missing < 0:
         # More than K in the floors (a sum row that held loosely): take from the smallest remainders.
         fraction = torch.where(counts > 0, fraction, torch.inf)

@@ -50,6 +50,7 @@ def test_default_run_is_the_first_experiment_on_synthetic_mnist(tmp_path):
         "zeros",
         "RLU",
         "LLBG",
+        "RLU+",
     ]
     assert set(results["summary"]["iLRG"]) == {"LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact"}
     assert set(results["summary"]["GI"]) == {"LeAcc"}

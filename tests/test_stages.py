@@ -119,6 +119,7 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
         "zeros",
         "RLU",
         "LLBG",
+        "RLU+",
     ]
     assert [r["label"] for r in summary["results"]] == [f"Iter{n}" for n in STAGES]
     assert set(summary["results"][0]["summary"]["iLRG"]) == {
@@ -133,10 +134,9 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
     table = proc.stderr + proc.stdout
     header = table.index("stage     method")
     rows = [line.split()[:2] for line in table[header:].splitlines()[2:] if line.strip()]
-    assert rows[:7] == [["Iter0", m] for m in summary["methods"]] and rows[-1] == [
-        "Iter4",
-        "random",
-    ]
+    methods = summary["methods"]
+    assert rows[: len(methods)] == [["Iter0", m] for m in methods]
+    assert rows[-1] == ["Iter4", "RLU+"] and len(rows) == len(methods) * len(STAGES)
 
     # The same batches at every stage, each stage attacking its own checkpoint.
     per_stage = [json.loads((folder / f"Iter{n}" / "results.json").read_text()) for n in STAGES]
