@@ -14,6 +14,7 @@ from experiment.options import (
     add_data_source_arguments,
     add_network_arguments,
     non_negative_float,
+    positive_float,
     positive_int,
 )
 
@@ -103,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="iLRG with p = 1/C instead of the restored probabilities",
     )
     attack.add_argument(
-        "--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits"
+        "--alpha",
+        type=positive_float,
+        default=1.0,
+        help="iLRG softmax temperature on the restored logits",
     )
     attack.add_argument(
         "--norm_guard",

@@ -9,6 +9,9 @@ from experiment.options import (
     add_config_argument,
     add_data_source_arguments,
     add_network_arguments,
+    bounded_float,
+    non_negative_float,
+    positive_float,
     positive_int,
 )
 
@@ -44,11 +47,7 @@ def devices_option(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected auto, a count or ids like 0,1; got {text!r}")
 
 
-def positive_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+positive_fraction = bounded_float(0, 1, low_open=True, high_open=True)
 
 
 def non_negative_int(text: str) -> int:
@@ -152,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps to train (with --iter_train)",
     )
     optim.add_argument("--batch_size", type=positive_int, default=128, help="training batch size")
-    optim.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    optim.add_argument("--lr", type=positive_float, default=0.1, help="learning rate")
     optim.add_argument(
         "--optimizer", default="SGD", choices=["SGD", "AdamW"], help="SGD: Nesterov momentum 0.9"
     )
@@ -162,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["linear", "none"],
         help="linear: lr x0.1 after 3/8, 5/8 and 7/8 of training",
     )
-    optim.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    optim.add_argument("--weight_decay", type=non_negative_float, default=5e-4, help="weight decay")
     optim.add_argument(
         "--warmup",
         action="store_true",
