@@ -41,18 +41,35 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def try_download(download: Callable[[], object], enabled: bool) -> str | None:
+def try_download(
+    download: Callable[[], object], enabled: bool, creates: Path | None = None
+) -> str | None:
     """Run ``download``; return None on success, else a short reason for the error message.
 
     Any failure counts (no network, a read-only folder, a bad mirror): the caller
     turns the reason into a single-line ``DataError`` that names the files it needed.
+    ``creates`` is the folder the download makes; on failure the folders that did
+    not exist before and are still empty are removed, so a failed run leaves nothing.
     """
     if not enabled:
         return "download disabled"
+    made = []
+    if creates is not None:
+        folder = Path(creates)
+        while not folder.exists() and folder.parent != folder:
+            made.append(folder)
+            folder = folder.parent
     try:
         download()
     except Exception as exc:  # the reason goes into the DataError the caller raises
-        return f"download failed: {short_reason(exc)}"
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): keep it and what holds it
+        # torchvision lists every mirror and file it tried; the last line is the cause.
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return f"download failed: {short_reason(RuntimeError(lines[-1]) if lines else exc)}"
     return None
 
 
@@ -264,6 +281,21 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def _build_dataset(self, split: str) -> LabelledImageDataset:
         raise NotImplementedError
+
+    def splits_on_disk(self) -> tuple[str, ...]:
+        """Which of ``train`` and ``val`` have their files at hand now; nothing is downloaded."""
+        enabled, self.download = self.download, False
+        present = []
+        try:
+            for split in ("train", "val"):
+                try:
+                    self._locate(split)
+                except UserError:
+                    continue
+                present.append(split)
+        finally:
+            self.download = enabled
+        return tuple(present)
 
     def _locate(self, split: str) -> object:
         """Find (downloading first, where possible) the files of ``split``; DataError if absent."""
