@@ -23,13 +23,22 @@ from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.report import METRIC_NAMES, MethodScores, format_table
 from experiment.errors import UserError
+from experiment.logs import RESULT
 from experiment.runs import write_json_atomic
 
 log = logging.getLogger("attack")
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM during a run: finished tries are kept, the run is marked incomplete."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during a run: finished tries are kept, the run is marked incomplete.
+
+    A KeyboardInterrupt, so whatever stops on Ctrl-C stops on it too; ``signum`` gives the
+    exit code 128 + signum (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -200,7 +209,7 @@ def load_chunks(setup: Setup, indices: torch.Tensor):
 
 
 def _raise_interrupted(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 def run(setup: Setup, run_dir: Path, writer=None) -> dict:
@@ -216,12 +225,14 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     tries: list[dict] = []
     status = "complete"
     failure = None
-    previous = {
-        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    stopped_by = None
     progress = _progress(args)
     for extension in setup.extensions:
         extension.bind(run_dir, writer)
+    # Installed just before the try: a signal in between would skip writing results.json.
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         for index in range(args.num_tries):
             indices = compose_batch(
@@ -284,11 +295,12 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             tries.append(record)
             log.debug("try %d: %s", index, {n: s.per_try for n, s in scores.items()})
             progress.update(1)
-    except (KeyboardInterrupt, Interrupted) as err:
+    except KeyboardInterrupt as err:
         status = "incomplete"
+        stopped_by = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
         log.warning(
             "interrupted (%s) after %d of %d tries; results.json is marked incomplete",
-            type(err).__name__,
+            signal.Signals(stopped_by.signum).name,
             len(tries),
             args.num_tries,
         )
@@ -311,11 +323,13 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             for metric, value in summary.items():
                 writer.add_scalar(f"summary/{method}/{metric}", value, 0)
         writer.flush()
-    log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores))
-    for extension in setup.extensions:
-        text = extension.table()
-        if text:
-            log.info("\n%s", text)
+    if tries:
+        # The table is the run's result (stdout); a run that failed before its first try has none.
+        log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores), extra=RESULT)
+        for extension in setup.extensions:
+            text = extension.table()
+            if text:
+                log.info("\n%s", text, extra=RESULT)
     affected = results["nonfinite_tries"]
     if affected:
         log.warning(
@@ -323,8 +337,8 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         )
     if failure is not None:
         raise UserError(failure)
-    if status != "complete":
-        raise KeyboardInterrupt
+    if stopped_by is not None:
+        raise stopped_by
     return results
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiment.errors import CheckpointError, UserError
+from experiment.logs import RESULT
 from experiment.options import positive_int
 from experiment.runs import write_json_atomic
 from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_MODEL_PATH
@@ -141,7 +142,30 @@ def train_command(
         words += ["--model_path", str(model_path)]
     if args.data_root != defaults["data_root"]:
         words += ["--data_root", str(args.data_root)]
+    if args.imagenet_dir is not None:
+        words += ["--imagenet_dir", str(args.imagenet_dir)]
+    only = only_split_on_disk(args, dataset)
+    if only is not None:
+        # train.py trains on train and validates on val; with one split at hand it must
+        # partition that one, or the command printed here would fail as printed.
+        words += ["--train_partition", only]
     return shlex.join(words)
+
+
+def only_split_on_disk(args: argparse.Namespace, dataset: str) -> str | None:
+    """The one split of ``dataset`` whose files are at hand, or None (both, neither, synthetic)."""
+    from datamodules import build_datamodule, dataset_info
+
+    try:
+        if dataset_info(dataset)[2]:
+            return None
+        datamodule = build_datamodule(
+            dataset, data_root=args.data_root, imagenet_dir=args.imagenet_dir, download=False
+        )
+    except UserError:
+        return None
+    present = datamodule.splits_on_disk()
+    return present[0] if len(present) == 1 else None
 
 
 def missing_checkpoint(args: argparse.Namespace, path: Path) -> CheckpointError:
@@ -440,7 +464,7 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
     if args.results:
         write_json_atomic(args.results, summary)
     if done:
-        log.info("\n%s", format_stage_table(summary))
+        log.info("\n%s", format_stage_table(summary), extra=RESULT)
         plot_stages(summary, run_dir / "stages.png")
     return summary
 
