@@ -185,14 +185,18 @@ class EpochShuffle(RandomSampler):
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
     from an end-of-epoch checkpoint sees the same batches as one that never
-    stopped. Being a ``RandomSampler``, it is replaced by Lightning's seeded
-    ``DistributedSampler`` under DDP, which does the same per process.
+    stopped. A run resumed mid-epoch passes ``resume=(epoch, position)``: that
+    epoch's order then starts at ``position``, where the stopped run left it.
+    Being a ``RandomSampler``, it is replaced by Lightning's seeded
+    ``DistributedSampler`` under DDP, which does the same per process (but
+    restarts a resumed epoch from its beginning).
     """
 
-    def __init__(self, data: Dataset, seed: int) -> None:
+    def __init__(self, data: Dataset, seed: int, resume: tuple[int, int] | None = None) -> None:
         super().__init__(data)
         self.seed = int(seed)
         self.epoch = 0
+        self.resume = resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -202,7 +206,13 @@ class EpochShuffle(RandomSampler):
         first = torch.Generator().manual_seed(self.seed)
         seeds = torch.randint(2**62, (self.epoch + 1,), generator=first)
         generator = torch.Generator().manual_seed(int(seeds[-1]))
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        start = 0
+        if self.resume is not None and self.epoch >= self.resume[0]:
+            # Only the epoch that was interrupted starts late; the ones after it are whole.
+            start = self.resume[1] if self.epoch == self.resume[0] else 0
+            self.resume = None
+        yield from order[start:]
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -264,6 +274,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.augment = bool(augment)
         self.train_partition = train_partition
+        #: (epoch, samples already trained on in it) of a resumed run, from its checkpoint
+        self._resume_position: tuple[int, int] | None = None
         self.val_fraction = float(val_fraction)
         self.download = bool(download)
         self.train_set: Dataset | None = None
@@ -340,7 +352,32 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return self._loader(self.train_set, sampler=EpochShuffle(self.train_set, self.seed))
+        sampler = EpochShuffle(self.train_set, self.seed, resume=self._resume_position)
+        return self._loader(self.train_set, sampler=sampler)
+
+    def state_dict(self) -> dict:
+        """Where the training data stand: saved in every checkpoint Lightning writes.
+
+        ``batches_done`` counts the optimizer steps of the current epoch (the batches
+        whose update is in the saved weights), so ``--resume`` from a mid-epoch
+        checkpoint continues with the next batch of the same shuffled order.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {
+            "epoch": int(trainer.current_epoch),
+            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+            "batch_size": int(self.batch_size),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning restores the datamodule before it asks for the dataloaders.
+        if {"epoch", "batches_done", "batch_size"} <= set(state_dict):
+            self._resume_position = (
+                int(state_dict["epoch"]),
+                int(state_dict["batches_done"]) * int(state_dict["batch_size"]),
+            )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

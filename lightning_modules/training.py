@@ -265,6 +265,13 @@ def train(args: argparse.Namespace) -> list[Path]:
     every = (args.iter_interval if args.iter_train else args.epoch_interval) if args.mid_save else 0
     checkpoint = StageCheckpoint(args.model_path, args.model, args.dataset, unit, every)
     trainer = build_trainer(args, [*callbacks, checkpoint])
+    if trainer.world_size == 1:
+        # The datamodule's state_dict holds the sampler's position, so a mid-epoch resume is
+        # exact on one process; under DDP, Lightning's DistributedSampler restarts the epoch
+        # and the warning stays true.
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+        )
     if synthetic:
         log.info("data: %s is SYNTHETIC (generated in memory, no files read)", args.dataset)
     pl.seed_everything(args.seed, workers=True)

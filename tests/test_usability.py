@@ -309,3 +309,68 @@ def test_train_py_prints_no_advert_or_deprecation(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Tip:" not in proc.stderr and "litlogger" not in proc.stderr
     assert "deprecated" not in proc.stderr
+
+
+# --- 3. a run stopped mid-epoch resumes to the very same weights ------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_gives_identical_stage_checkpoints(tmp_path, shared_data):
+    import torch
+
+    def command(model_path):
+        return [
+            sys.executable,
+            "train.py",
+            *("--dataset", "MNIST_GRAY", "--data_root", str(shared_data)),
+            *("--train_partition", "val", "--batch_size", "64", "--n_dim", "32", "--quiet"),
+            *("--iter_train", "--iters", "400", "--mid_save", "--iter_interval", "100"),
+            *("--model_path", str(model_path), "--log_dir", str(tmp_path / "logs")),
+        ]
+
+    reference = subprocess.run(
+        command(tmp_path / "whole"), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        command(stopped), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (stopped / "dnn_MNIST_GRAY_Iter100.ckpt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no Iter100 checkpoint"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    interrupted = stopped / "dnn_MNIST_GRAY_interrupted.ckpt"
+    assert proc.returncode == 143, err
+    assert (
+        err.strip().splitlines()[-1] == f"train.py: interrupted; resume with --resume {interrupted}"
+    )
+    state = torch.load(interrupted, weights_only=True)
+    # 9000 training images in batches of 64: 141 batches an epoch, so step 100..399 is mid-epoch
+    # unless it is 141 or 282 exactly.
+    assert 100 <= state["global_step"] < 400 and state["global_step"] % 141 != 0, state[
+        "global_step"
+    ]
+    resumed = subprocess.run(
+        [*command(stopped), "--resume", str(interrupted)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "dataloader is not resumable" not in resumed.stderr  # it is now
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*_Iter*.ckpt"))
+    assert names == sorted(p.name for p in stopped.glob("*_Iter*.ckpt"))
+    assert len(names) == 5  # stages 0, 100, 200, 300, 400
+    for name in names:
+        whole = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+        again = torch.load(stopped / name, weights_only=True)["state_dict"]
+        assert whole.keys() == again.keys()
+        assert all(torch.equal(whole[key], again[key]) for key in whole), name
