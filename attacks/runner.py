@@ -161,6 +161,11 @@ def prepare(args: argparse.Namespace) -> Setup:
     check_composition(
         class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls
     )
+    if dataset.decodes_files:
+        # Every file the run will read is decoded now (a corrupt image is one line and exit 2
+        # before the run folder exists), not when a try first meets it. The batches come
+        # from the seed alone, so run() draws the very same ones again.
+        dataset.check_readable(torch.cat(list(draw_batches(args, dataset, num_classes))).unique())
     network = trained.network if trained else build_victim(args, num_classes, input_shape)
     model = network.to(device).eval()
     options = {
@@ -200,6 +205,24 @@ def prepare(args: argparse.Namespace) -> Setup:
     return setup
 
 
+def draw_batches(args: argparse.Namespace, dataset, num_classes: int):
+    """The indices of the ``num_tries`` batches, one at a time, from the seed alone
+    (the same for every stage of a sweep and for every pass over them)."""
+    from datamodules.composition import compose_batch
+
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.num_tries):
+        yield compose_batch(
+            dataset.targets,
+            num_classes,
+            args.num_images,
+            args.distribution,
+            generator,
+            num_target_cls=args.num_target_cls,
+            num_uniform_cls=args.num_uniform_cls,
+        )
+
+
 def load_chunks(setup: Setup, indices: torch.Tensor):
     """The batch, loaded and moved one ``max_size`` chunk at a time to bound memory."""
     step = setup.args.max_size or indices.numel()
@@ -214,10 +237,9 @@ def _raise_interrupted(signum, _frame):
 
 def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     """Attack ``num_tries`` batches; write results.json (also when interrupted) and return it."""
-    from datamodules.composition import class_counts, compose_batch
+    from datamodules.composition import class_counts
 
     args = setup.args
-    generator = torch.Generator().manual_seed(args.seed)
     scores = {
         name: MethodScores(attack.restores_counts, args.simplified)
         for name, attack in setup.attacks.items()
@@ -234,16 +256,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        for index in range(args.num_tries):
-            indices = compose_batch(
-                setup.dataset.targets,
-                setup.num_classes,
-                args.num_images,
-                args.distribution,
-                generator,
-                num_target_cls=args.num_target_cls,
-                num_uniform_cls=args.num_uniform_cls,
-            )
+        for index, indices in enumerate(draw_batches(args, setup.dataset, setup.num_classes)):
             true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(
                 setup.device
             )

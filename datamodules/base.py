@@ -123,6 +123,15 @@ class LabelledImageDataset(Dataset):
             pixels = self._pixels(index)
         return self.normalise(pixels), self.targets[index]
 
+    #: whether images are decoded from files as they are used (so can still fail after loading)
+    decodes_files: ClassVar[bool] = False
+
+    def check_readable(self, indices: Sequence[int] | torch.Tensor) -> None:
+        """DataError naming the first of these samples whose file cannot be decoded.
+
+        Data held in memory were checked when loaded: nothing to do.
+        """
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map pixels in ``[0, 1]`` to the normalised images that the networks see."""
         return ((pixels - self.mean) / self.std).to(torch.float32)
