@@ -42,6 +42,8 @@ CHECKPOINT_OPTIONS = (
     "leaky_relu",
 )
 UNIT_LABELS = {"epoch": "Epoch", "iteration": "Iter"}
+#: one per method in stages.png, so lines that coincide stay distinguishable
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 #: a ``--checkpoints`` pattern over the stages of one run, e.g. ``dnn_MNIST_GRAY_Iter*.ckpt``
 RUN_PATTERN = re.compile(r"(?P<model>[^_*?\[]+)_(?P<dataset>[^*?\[]+)_(?P<unit>Epoch|Iter)\*\.ckpt")
 
@@ -330,6 +332,8 @@ class Stage:
     path: Path
     unit: str
     value: int
+    #: {"val_acc", "val_step"} that train.py recorded in the checkpoint, or None
+    validation: dict | None = None
 
     @property
     def label(self) -> str:
@@ -376,7 +380,14 @@ def find_stages(pattern: str) -> list[Stage]:
                 f"checkpoints {reference[0]} and {name} are not stages of one network "
                 f"({differ} {reference[1][differ]} vs {architecture[differ]})"
             )
-        stages.append(Stage(Path(name), *checkpoint_stage(name, checkpoint)))
+        validation = checkpoint.get("validation")
+        stages.append(
+            Stage(
+                Path(name),
+                *checkpoint_stage(name, checkpoint),
+                validation=dict(validation) if isinstance(validation, dict) else None,
+            )
+        )
     units = sorted({stage.unit for stage in stages})
     if len(units) > 1:
         raise CheckpointError(
@@ -437,6 +448,7 @@ def stage_record(stage: Stage, results: dict, run_dir: Path) -> dict:
         "label": stage.label,
         "checkpoint": str(stage.path),
         "results": str(Path(stage.label) / "results.json"),
+        **(stage.validation or {"val_acc": None, "val_step": None}),
         "summary": results["summary"],
         "std": results["std"],
     }
@@ -502,10 +514,17 @@ def plot_stages(summary: dict, path: Path) -> Path:
         for m in METRIC_NAMES
         if any(m in means for r in records for means in r["summary"].values())
     ]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    accuracy = [(r["stage"], r["val_acc"]) for r in records if r.get("val_acc") is not None]
+    panels = len(metrics) + bool(accuracy)
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
+    methods = summary["methods"]
+    stages = [r["stage"] for r in records]
+    # Methods often score alike (iDLG, LLG and bias share their presence rule): distinct
+    # markers and a small sideways shift keep every line visible instead of hidden beneath another.
+    shift = (max(stages) - min(stages)) * 0.015 if len(stages) > 1 else 0.0
     for axis, metric in zip(axes[0], metrics):
-        # One colour per method across panels, also where a method lacks a metric.
-        for index, method in enumerate(summary["methods"]):
+        # One colour and marker per method across panels, also where a method lacks a metric.
+        for index, method in enumerate(methods):
             points = [
                 (r["stage"], r["summary"][method][metric])
                 for r in records
@@ -513,8 +532,26 @@ def plot_stages(summary: dict, path: Path) -> Path:
             ]
             if points:
                 xs, ys = zip(*points)
-                axis.plot(xs, ys, marker="o", color=f"C{index % 10}", label=method)
+                offset = (index - (len(methods) - 1) / 2) * shift
+                axis.plot(
+                    [x + offset for x in xs],
+                    ys,
+                    marker=MARKERS[index % len(MARKERS)],
+                    markersize=7 - 3 * index / max(len(methods) - 1, 1),
+                    fillstyle="none",
+                    linewidth=1.2,
+                    color=f"C{index % 10}",
+                    label=method,
+                )
         axis.set_title(metric)
+        axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    if accuracy:
+        axis = axes[0][-1]
+        xs, ys = zip(*accuracy)
+        axis.plot(xs, ys, marker="o", color="black", label="val acc")
+        axis.set_title("validation accuracy (from the checkpoint)")
         axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
