@@ -374,3 +374,45 @@ def test_sigterm_mid_epoch_then_resume_gives_identical_stage_checkpoints(tmp_pat
         again = torch.load(stopped / name, weights_only=True)["state_dict"]
         assert whole.keys() == again.keys()
         assert all(torch.equal(whole[key], again[key]) for key in whole), name
+
+
+# --- 4. a run that fails before its first try: no torchmetrics warnings, no empty table ---------
+
+
+def test_scores_without_tries_are_undefined_without_warnings():
+    import math
+    import warnings
+
+    from attacks.report import MethodScores, format_table
+
+    scores = {"iLRG": MethodScores(restores_counts=True)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics warns on compute() before update()
+        assert all(math.isnan(value) for value in scores["iLRG"].summary().values())
+        format_table(scores)
+
+
+# --- 10. each stage's validation accuracy, from its checkpoint, in stages.json -----------------
+
+
+def test_stage_sweep_reports_each_checkpoints_validation_accuracy(tmp_path, shared_data, capsys):
+    import json
+
+    common = ["--dataset", "MNIST_GRAY", "--data_root", str(shared_data), "--quiet"]
+    argv = [*common, "--train_partition", "val", "--val_fraction", "0.8", "--batch_size", "250"]
+    argv += ["--n_dim", "16", "--epochs", "2", "--mid_save", "--epoch_interval", "1"]
+    argv += ["--model_path", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs")]
+    assert train.main(argv) == 0
+    results = tmp_path / "stages.json"
+    pattern = str(tmp_path / "ckpt" / "dnn_MNIST_GRAY_Epoch*.ckpt")
+    argv = [*common, "--split", "val", "--checkpoints", pattern, "--num_tries", "2"]
+    argv += ["--num_images", "8", "--log_dir", str(tmp_path / "logs"), "--results", str(results)]
+    assert attack.main(argv) == 0
+    records = json.loads(results.read_text())["results"]
+    assert [r["stage"] for r in records] == [0, 1, 2]
+    assert records[0]["val_acc"] is None  # the untrained weights were never validated
+    assert [r["val_step"] for r in records[1:]] == [8, 16]  # 2000 images in batches of 250
+    assert all(0 <= r["val_acc"] <= 1 for r in records[1:]), records
+    assert "stage" in capsys.readouterr().out  # the stage table is a result: stdout
+    run_dir = next((tmp_path / "logs" / "Experiment1").iterdir())
+    assert (run_dir / "stages.png").stat().st_size > 0
