@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as stop:
+        # Ctrl-C while loading data or models: nothing was written, so one line is enough.
+        # A run's own interruption (tries kept, results.json incomplete) ends here too,
+        # with 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM.
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if not getattr(stop, "signum", None):
+            print("attack.py: interrupted", file=sys.stderr)
+        return 128 + signum
+
+
+def _main(argv: list[str] | None) -> int:
     from attacks.cli import build_parser
     from experiment.options import parse_args
 
@@ -15,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from attacks import runner, stages
     from experiment.errors import UserError
     from experiment.logs import open_run
+    from experiment.runs import check_output_dir, check_output_file
 
     try:
+        # Before any work: a run must not end by failing to save what it did.
+        check_output_dir(Path(args.log_dir) / args.exp_name, "--log_dir")
+        if args.results:
+            check_output_file(args.results, "--results")
         stages.check_given_options(sys.argv[1:] if argv is None else argv, args)
         setup = stages.prepare_sweep(args) if args.checkpoints else runner.prepare(args)
     except UserError as err:
@@ -31,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         try:
             (stages.run_sweep if args.checkpoints else runner.run)(setup, run_dir, writer)
-        except KeyboardInterrupt:
-            return 130
         except UserError as err:
             print(f"attack.py: error: {err}", file=sys.stderr)
             return 2

@@ -7,6 +7,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while loading data or building the model: nothing to resume, no traceback.
+        print("train.py: interrupted before training started", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from experiment.options import parse_args
     from lightning_modules.train_cli import build_parser
 
@@ -23,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         where = f"; resume with --resume {stop.checkpoint}" if stop.checkpoint else ""
         print(f"train.py: interrupted{where}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("train.py: interrupted before training started", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     if saved:
         logging.getLogger("train").info("checkpoints: %s", ", ".join(str(path) for path in saved))
     return 0

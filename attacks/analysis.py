@@ -42,6 +42,7 @@ import torch
 from attacks.gradients import embed_and_forward
 from attacks.ilrg import class_embeddings
 from attacks.runner import Extension, TryContext
+from experiment.options import bounded_float
 
 #: (quantity, what it compares, which measures) in table order
 QUANTITIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -300,11 +301,7 @@ class CustomClassCounts(Extension):
 # --- options ------------------------------------------------------------------------------
 
 
-def trim_ratio(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
-    return value
+trim_ratio = bounded_float(0, 0.5, high_open=True)
 
 
 def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:

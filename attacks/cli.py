@@ -16,6 +16,7 @@ from experiment.options import (
     add_network_arguments,
     add_partition_arguments,
     non_negative_float,
+    positive_float,
     positive_int,
 )
 
@@ -108,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="iLRG with p = 1/C instead of the restored probabilities",
     )
     attack.add_argument(
-        "--alpha", type=float, default=1.0, help="iLRG softmax temperature on the restored logits"
+        "--alpha",
+        type=positive_float,
+        default=1.0,
+        help="iLRG softmax temperature on the restored logits",
     )
     attack.add_argument(
         "--norm_guard",

@@ -32,7 +32,7 @@ from torch import nn
 
 from attacks.gradients import embed_and_forward, last_linear_layer
 from experiment.errors import UserError
-from experiment.options import non_negative_float, percentage
+from experiment.options import non_negative_float, percentage, positive_float
 
 Grads = dict[str, torch.Tensor]
 Chunks = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -367,13 +367,6 @@ def build_defense(args: argparse.Namespace, seed: int) -> Defense | None:
 def describe_defense(defense: Defense | None) -> dict | None:
     """What results.json says about the defense."""
     return None if defense is None else defense.describe()
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def add_defense_arguments(parser: argparse.ArgumentParser) -> None:

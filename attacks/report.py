@@ -45,7 +45,11 @@ class MethodScores:
         return values
 
     def summary(self) -> dict[str, float]:
-        return {name: float(metric.compute()) for name, metric in self.metrics.items()}
+        # Before the first try there is no mean (and torchmetrics would warn); NaN says undefined.
+        return {
+            name: float(metric.compute()) if self.per_try[name] else math.nan
+            for name, metric in self.metrics.items()
+        }
 
     def spread(self) -> dict[str, float]:
         out = {}

@@ -23,13 +23,22 @@ from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.report import METRIC_NAMES, MethodScores, format_table
 from experiment.errors import UserError
+from experiment.logs import RESULT
 from experiment.runs import write_json_atomic
 
 log = logging.getLogger("attack")
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM during a run: finished tries are kept, the run is marked incomplete."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during a run: finished tries are kept, the run is marked incomplete.
+
+    A KeyboardInterrupt, so whatever stops on Ctrl-C stops on it too; ``signum`` gives the
+    exit code 128 + signum (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -117,8 +126,8 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
     """The server's labelled samples and what results.json says of them; (None, None) without.
 
     ``--aux_split auto`` takes the held-out counterpart of the attacked data where
-    its files are there, and otherwise none (so RLU and LLBG stay out of
-    ``--compare``). Data the attacked batches come from is never auxiliary data.
+    its files are there and it holds every class, and otherwise none (so the
+    auxiliary attacks stay out of ``--compare``). Data the attacked batches come from is never auxiliary data.
     """
     from datamodules.views import COUNTERPART, auxiliary_sample, data_view
     from experiment.errors import DataError
@@ -140,7 +149,7 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
                 raise UserError(
                     f"no auxiliary data for {', '.join(a for a in args.attacks if a in AUXILIARY_ATTACKS)}: {err}"
                 ) from None
-            log.info("no auxiliary data (%s): RLU and LLBG are left out", err)
+            log.info("no auxiliary data (%s): %s are left out", err, ", ".join(AUXILIARY_ATTACKS))
             return None, None
     else:
         view = data_view(datamodule, name, partition)
@@ -153,7 +162,13 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
     indices = auxiliary_sample(view, num_classes, args.aux_per_class, generator)
     images, labels = view.load(indices)
     auxiliary = AuxiliaryData(images, labels)
-    auxiliary.check_covers(num_classes)
+    try:
+        auxiliary.check_covers(num_classes)
+    except UserError as err:
+        if args.aux_split != "auto" or wanted:
+            raise
+        log.info("no auxiliary data (%s): %s are left out", err, ", ".join(AUXILIARY_ATTACKS))
+        return None, None
     per_class = torch.bincount(labels, minlength=num_classes)
     return auxiliary, {
         "split": name,
@@ -229,6 +244,11 @@ def prepare(args: argparse.Namespace) -> Setup:
     check_composition(
         class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls
     )
+    if dataset.decodes_files:
+        # Every file the run will read is decoded now (a corrupt image is one line and exit 2
+        # before the run folder exists), not when a try first meets it. The batches come
+        # from the seed alone, so run() draws the very same ones again.
+        dataset.check_readable(torch.cat(list(draw_batches(args, dataset, num_classes))).unique())
     network = trained.network if trained else build_victim(args, num_classes, input_shape)
     model = network.to(device).eval()
     options = {
@@ -271,6 +291,24 @@ def prepare(args: argparse.Namespace) -> Setup:
     return setup
 
 
+def draw_batches(args: argparse.Namespace, dataset, num_classes: int):
+    """The indices of the ``num_tries`` batches, one at a time, from the seed alone
+    (the same for every stage of a sweep and for every pass over them)."""
+    from datamodules.composition import compose_batch
+
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.num_tries):
+        yield compose_batch(
+            dataset.targets,
+            num_classes,
+            args.num_images,
+            args.distribution,
+            generator,
+            num_target_cls=args.num_target_cls,
+            num_uniform_cls=args.num_uniform_cls,
+        )
+
+
 def load_chunks(setup: Setup, indices: torch.Tensor):
     """The batch, loaded and moved one ``max_size`` chunk at a time to bound memory."""
     step = setup.args.max_size or indices.numel()
@@ -280,15 +318,14 @@ def load_chunks(setup: Setup, indices: torch.Tensor):
 
 
 def _raise_interrupted(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     """Attack ``num_tries`` batches; write results.json (also when interrupted) and return it."""
-    from datamodules.composition import class_counts, compose_batch
+    from datamodules.composition import class_counts
 
     args = setup.args
-    generator = torch.Generator().manual_seed(args.seed)
     scores = {
         name: MethodScores(attack.restores_counts, args.simplified)
         for name, attack in setup.attacks.items()
@@ -296,23 +333,16 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     tries: list[dict] = []
     status = "complete"
     failure = None
-    previous = {
-        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    stopped_by = None
     progress = _progress(args)
     for extension in setup.extensions:
         extension.bind(run_dir, writer)
+    # Installed just before the try: a signal in between would skip writing results.json.
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        for index in range(args.num_tries):
-            indices = compose_batch(
-                setup.dataset.targets,
-                setup.num_classes,
-                args.num_images,
-                args.distribution,
-                generator,
-                num_target_cls=args.num_target_cls,
-                num_uniform_cls=args.num_uniform_cls,
-            )
+        for index, indices in enumerate(draw_batches(args, setup.dataset, setup.num_classes)):
             true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(
                 setup.device
             )
@@ -364,11 +394,12 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             tries.append(record)
             log.debug("try %d: %s", index, {n: s.per_try for n, s in scores.items()})
             progress.update(1)
-    except (KeyboardInterrupt, Interrupted) as err:
+    except KeyboardInterrupt as err:
         status = "incomplete"
+        stopped_by = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
         log.warning(
             "interrupted (%s) after %d of %d tries; results.json is marked incomplete",
-            type(err).__name__,
+            signal.Signals(stopped_by.signum).name,
             len(tries),
             args.num_tries,
         )
@@ -391,11 +422,13 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             for metric, value in summary.items():
                 writer.add_scalar(f"summary/{method}/{metric}", value, 0)
         writer.flush()
-    log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores))
-    for extension in setup.extensions:
-        text = extension.table()
-        if text:
-            log.info("\n%s", text)
+    if tries:
+        # The table is the run's result (stdout); a run that failed before its first try has none.
+        log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores), extra=RESULT)
+        for extension in setup.extensions:
+            text = extension.table()
+            if text:
+                log.info("\n%s", text, extra=RESULT)
     affected = results["nonfinite_tries"]
     if affected:
         log.warning(
@@ -403,8 +436,8 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         )
     if failure is not None:
         raise UserError(failure)
-    if status != "complete":
-        raise KeyboardInterrupt
+    if stopped_by is not None:
+        raise stopped_by
     return results
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiment.errors import CheckpointError, UserError
+from experiment.logs import RESULT
 from experiment.options import positive_int
 from experiment.runs import write_json_atomic
 from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_MODEL_PATH
@@ -41,6 +42,8 @@ CHECKPOINT_OPTIONS = (
     "leaky_relu",
 )
 UNIT_LABELS = {"epoch": "Epoch", "iteration": "Iter"}
+#: one per method in stages.png, so lines that coincide stay distinguishable
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 #: a ``--checkpoints`` pattern over the stages of one run, e.g. ``dnn_MNIST_GRAY_Iter*.ckpt``
 RUN_PATTERN = re.compile(r"(?P<model>[^_*?\[]+)_(?P<dataset>[^*?\[]+)_(?P<unit>Epoch|Iter)\*\.ckpt")
 
@@ -154,7 +157,30 @@ def train_command(
         words += ["--model_path", str(model_path)]
     if args.data_root != defaults["data_root"]:
         words += ["--data_root", str(args.data_root)]
+    if args.imagenet_dir is not None:
+        words += ["--imagenet_dir", str(args.imagenet_dir)]
+    only = only_split_on_disk(args, dataset)
+    if only is not None:
+        # train.py trains on train and validates on val; with one split at hand it must
+        # partition that one, or the command printed here would fail as printed.
+        words += ["--train_partition", only]
     return shlex.join(words)
+
+
+def only_split_on_disk(args: argparse.Namespace, dataset: str) -> str | None:
+    """The one split of ``dataset`` whose files are at hand, or None (both, neither, synthetic)."""
+    from datamodules import build_datamodule, dataset_info
+
+    try:
+        if dataset_info(dataset)[2]:
+            return None
+        datamodule = build_datamodule(
+            dataset, data_root=args.data_root, imagenet_dir=args.imagenet_dir, download=False
+        )
+    except UserError:
+        return None
+    present = datamodule.splits_on_disk()
+    return present[0] if len(present) == 1 else None
 
 
 def missing_checkpoint(args: argparse.Namespace, path: Path) -> CheckpointError:
@@ -320,6 +346,8 @@ class Stage:
     path: Path
     unit: str
     value: int
+    #: {"val_acc", "val_step"} that train.py recorded in the checkpoint, or None
+    validation: dict | None = None
 
     @property
     def label(self) -> str:
@@ -366,7 +394,14 @@ def find_stages(pattern: str) -> list[Stage]:
                 f"checkpoints {reference[0]} and {name} are not stages of one network "
                 f"({differ} {reference[1][differ]} vs {architecture[differ]})"
             )
-        stages.append(Stage(Path(name), *checkpoint_stage(name, checkpoint)))
+        validation = checkpoint.get("validation")
+        stages.append(
+            Stage(
+                Path(name),
+                *checkpoint_stage(name, checkpoint),
+                validation=dict(validation) if isinstance(validation, dict) else None,
+            )
+        )
     units = sorted({stage.unit for stage in stages})
     if len(units) > 1:
         raise CheckpointError(
@@ -427,6 +462,7 @@ def stage_record(stage: Stage, results: dict, run_dir: Path) -> dict:
         "label": stage.label,
         "checkpoint": str(stage.path),
         "results": str(Path(stage.label) / "results.json"),
+        **(stage.validation or {"val_acc": None, "val_step": None}),
         "summary": results["summary"],
         "std": results["std"],
     }
@@ -454,7 +490,7 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
     if args.results:
         write_json_atomic(args.results, summary)
     if done:
-        log.info("\n%s", format_stage_table(summary))
+        log.info("\n%s", format_stage_table(summary), extra=RESULT)
         plot_stages(summary, run_dir / "stages.png")
     return summary
 
@@ -492,10 +528,17 @@ def plot_stages(summary: dict, path: Path) -> Path:
         for m in METRIC_NAMES
         if any(m in means for r in records for means in r["summary"].values())
     ]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    accuracy = [(r["stage"], r["val_acc"]) for r in records if r.get("val_acc") is not None]
+    panels = len(metrics) + bool(accuracy)
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
+    methods = summary["methods"]
+    stages = [r["stage"] for r in records]
+    # Methods often score alike (iDLG, LLG and bias share their presence rule): distinct
+    # markers and a small sideways shift keep every line visible instead of hidden beneath another.
+    shift = (max(stages) - min(stages)) * 0.015 if len(stages) > 1 else 0.0
     for axis, metric in zip(axes[0], metrics):
-        # One colour per method across panels, also where a method lacks a metric.
-        for index, method in enumerate(summary["methods"]):
+        # One colour and marker per method across panels, also where a method lacks a metric.
+        for index, method in enumerate(methods):
             points = [
                 (r["stage"], r["summary"][method][metric])
                 for r in records
@@ -503,8 +546,26 @@ def plot_stages(summary: dict, path: Path) -> Path:
             ]
             if points:
                 xs, ys = zip(*points)
-                axis.plot(xs, ys, marker="o", color=f"C{index % 10}", label=method)
+                offset = (index - (len(methods) - 1) / 2) * shift
+                axis.plot(
+                    [x + offset for x in xs],
+                    ys,
+                    marker=MARKERS[index % len(MARKERS)],
+                    markersize=7 - 3 * index / max(len(methods) - 1, 1),
+                    fillstyle="none",
+                    linewidth=1.2,
+                    color=f"C{index % 10}",
+                    label=method,
+                )
         axis.set_title(metric)
+        axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    if accuracy:
+        axis = axes[0][-1]
+        xs, ys = zip(*accuracy)
+        axis.plot(xs, ys, marker="o", color="black", label="val acc")
+        axis.set_title("validation accuracy (from the checkpoint)")
         axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)

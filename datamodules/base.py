@@ -41,18 +41,35 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def try_download(download: Callable[[], object], enabled: bool) -> str | None:
+def try_download(
+    download: Callable[[], object], enabled: bool, creates: Path | None = None
+) -> str | None:
     """Run ``download``; return None on success, else a short reason for the error message.
 
     Any failure counts (no network, a read-only folder, a bad mirror): the caller
     turns the reason into a single-line ``DataError`` that names the files it needed.
+    ``creates`` is the folder the download makes; on failure the folders that did
+    not exist before and are still empty are removed, so a failed run leaves nothing.
     """
     if not enabled:
         return "download disabled"
+    made = []
+    if creates is not None:
+        folder = Path(creates)
+        while not folder.exists() and folder.parent != folder:
+            made.append(folder)
+            folder = folder.parent
     try:
         download()
     except Exception as exc:  # the reason goes into the DataError the caller raises
-        return f"download failed: {short_reason(exc)}"
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): keep it and what holds it
+        # torchvision lists every mirror and file it tried; the last line is the cause.
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return f"download failed: {short_reason(RuntimeError(lines[-1]) if lines else exc)}"
     return None
 
 
@@ -105,6 +122,15 @@ class LabelledImageDataset(Dataset):
         else:
             pixels = self._pixels(index)
         return self.normalise(pixels), self.targets[index]
+
+    #: whether images are decoded from files as they are used (so can still fail after loading)
+    decodes_files: ClassVar[bool] = False
+
+    def check_readable(self, indices: Sequence[int] | torch.Tensor) -> None:
+        """DataError naming the first of these samples whose file cannot be decoded.
+
+        Data held in memory were checked when loaded: nothing to do.
+        """
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map pixels in ``[0, 1]`` to the normalised images that the networks see."""
@@ -168,14 +194,18 @@ class EpochShuffle(RandomSampler):
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
     from an end-of-epoch checkpoint sees the same batches as one that never
-    stopped. Being a ``RandomSampler``, it is replaced by Lightning's seeded
-    ``DistributedSampler`` under DDP, which does the same per process.
+    stopped. A run resumed mid-epoch passes ``resume=(epoch, position)``: that
+    epoch's order then starts at ``position``, where the stopped run left it.
+    Being a ``RandomSampler``, it is replaced by Lightning's seeded
+    ``DistributedSampler`` under DDP, which does the same per process (but
+    restarts a resumed epoch from its beginning).
     """
 
-    def __init__(self, data: Dataset, seed: int) -> None:
+    def __init__(self, data: Dataset, seed: int, resume: tuple[int, int] | None = None) -> None:
         super().__init__(data)
         self.seed = int(seed)
         self.epoch = 0
+        self.resume = resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -185,7 +215,13 @@ class EpochShuffle(RandomSampler):
         first = torch.Generator().manual_seed(self.seed)
         seeds = torch.randint(2**62, (self.epoch + 1,), generator=first)
         generator = torch.Generator().manual_seed(int(seeds[-1]))
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        start = 0
+        if self.resume is not None and self.epoch >= self.resume[0]:
+            # Only the epoch that was interrupted starts late; the ones after it are whole.
+            start = self.resume[1] if self.epoch == self.resume[0] else 0
+            self.resume = None
+        yield from order[start:]
 
 
 def split_indices(
@@ -260,6 +296,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.augment = bool(augment)
         self.train_partition = train_partition
+        #: (epoch, samples already trained on in it) of a resumed run, from its checkpoint
+        self._resume_position: tuple[int, int] | None = None
         self.val_fraction = float(val_fraction)
         self.download = bool(download)
         self.train_set: Dataset | None = None
@@ -277,6 +315,21 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def _build_dataset(self, split: str) -> LabelledImageDataset:
         raise NotImplementedError
+
+    def splits_on_disk(self) -> tuple[str, ...]:
+        """Which of ``train`` and ``val`` have their files at hand now; nothing is downloaded."""
+        enabled, self.download = self.download, False
+        present = []
+        try:
+            for split in ("train", "val"):
+                try:
+                    self._locate(split)
+                except UserError:
+                    continue
+                present.append(split)
+        finally:
+            self.download = enabled
+        return tuple(present)
 
     def _locate(self, split: str) -> object:
         """Find (downloading first, where possible) the files of ``split``; DataError if absent."""
@@ -318,7 +371,32 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return self._loader(self.train_set, sampler=EpochShuffle(self.train_set, self.seed))
+        sampler = EpochShuffle(self.train_set, self.seed, resume=self._resume_position)
+        return self._loader(self.train_set, sampler=sampler)
+
+    def state_dict(self) -> dict:
+        """Where the training data stand: saved in every checkpoint Lightning writes.
+
+        ``batches_done`` counts the optimizer steps of the current epoch (the batches
+        whose update is in the saved weights), so ``--resume`` from a mid-epoch
+        checkpoint continues with the next batch of the same shuffled order.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {
+            "epoch": int(trainer.current_epoch),
+            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+            "batch_size": int(self.batch_size),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning restores the datamodule before it asks for the dataloaders.
+        if {"epoch", "batches_done", "batch_size"} <= set(state_dict):
+            self._resume_position = (
+                int(state_dict["epoch"]),
+                int(state_dict["batches_done"]) * int(state_dict["batch_size"]),
+            )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -168,7 +168,7 @@ class CIFAR100DataModule(ImageClassificationDataModule):
 
             CIFAR100(root=str(self.data_root), train=split != "val", download=True)
 
-        failure = try_download(download, self.download)
+        failure = try_download(download, self.download, creates=self.data_root)
         if failure is None and (found := present()):
             return found
         expected = " and ".join(CIFAR_FILES[s] for s in wanted)

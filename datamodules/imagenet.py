@@ -11,6 +11,7 @@ ones; more than 1000 class folders is an error.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ class ImageFileDataset(LabelledImageDataset):
     ``eval_transform``; a file that does not decode raises DataError naming it.
     """
 
+    decodes_files = True
+
     def __init__(self, files: list[str], targets: torch.Tensor, eval_transform, **kwargs) -> None:
         super().__init__(targets, **kwargs)
         if len(files) != len(self):
@@ -54,6 +57,16 @@ class ImageFileDataset(LabelledImageDataset):
 
     def _augmented_pixels(self, index: int) -> torch.Tensor:
         return self._decode(self.files[index], self.augmentation)
+
+    def check_readable(self, indices: Sequence[int] | torch.Tensor) -> None:
+        # A full decode (load), without the resizing: a truncated JPEG fails only there.
+        for i in self._check_indices(indices).tolist():
+            path = self.files[i]
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise DataError(f"{path}: cannot decode the image ({short_reason(exc)})") from exc
 
     def _decode(self, path: str, transform) -> torch.Tensor:
         try:

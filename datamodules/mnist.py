@@ -118,7 +118,7 @@ class MNISTGrayDataModule(ImageClassificationDataModule):
 
             MNIST(root=str(self.data_root), train=split != "val", download=True)
 
-        failure = try_download(download, self.download)
+        failure = try_download(download, self.download, creates=self.raw_dir)
         if failure is None and (found := present()):
             return found
         expected = " and ".join(f"{stem}(.gz)" for s in wanted for stem in MNIST_FILES[s])

@@ -53,9 +53,19 @@ class DataView:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def load(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def decodes_files(self) -> bool:
+        return self.base.decodes_files
+
+    def _base_indices(self, indices) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return self.base.load(indices if self.indices is None else self.indices[indices])
+        return indices if self.indices is None else self.indices[indices]
+
+    def load(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.load(self._base_indices(indices))
+
+    def check_readable(self, indices) -> None:
+        self.base.check_readable(self._base_indices(indices))
 
     def overlaps(self, other: DataView) -> bool:
         """Do the two views share a sample?  (None in ``members`` stands for the whole split.)"""

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from experiment.runs import new_run_dir
 
+#: ``log.info(..., extra=RESULT)`` marks a record as the run's result: it goes to stdout, so
+#: ``attack.py > table.txt`` keeps the table while progress and logs stay on stderr.
+RESULT = {"result": True}
+
+
+def _is_result(record: logging.LogRecord) -> bool:
+    return getattr(record, "result", False)
+
 
 @contextmanager
 def open_run(log_dir: str, exp_name: str, logger_name: str):
-    """Create ``<log_dir>/<exp_name>/version_<n>``; log to ``run.log`` and the console; yield (dir, writer)."""
+    """Create ``<log_dir>/<exp_name>/version_<n>``; log to ``run.log`` and the console; yield (dir, writer).
+
+    On the console, records logged with ``extra=RESULT`` go to stdout and all others to stderr.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = new_run_dir(log_dir, exp_name)
@@ -19,10 +31,15 @@ def open_run(log_dir: str, exp_name: str, logger_name: str):
     logger.setLevel(logging.INFO)
     file_handler = logging.FileHandler(run_dir / "run.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: not _is_result(record))
+    results = logging.StreamHandler(sys.stdout)
+    results.addFilter(_is_result)
+    for handler in (console, results):
+        handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
+    logger.addHandler(results)
     logger.propagate = False
     writer = SummaryWriter(log_dir=str(run_dir))
     logger.info("run folder: %s", run_dir)
@@ -30,6 +47,6 @@ def open_run(log_dir: str, exp_name: str, logger_name: str):
         yield Path(run_dir), writer
     finally:
         writer.close()
-        for handler in (file_handler, console):
+        for handler in (file_handler, console, results):
             logger.removeHandler(handler)
             handler.close()

@@ -7,17 +7,39 @@ dashes); flags given on the command line win over it.
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import sys
 from pathlib import Path
 
 from experiment.errors import UserError
 
 
+def did_you_mean(word: str, candidates) -> str:
+    """``"; did you mean X?"`` for the candidate closest to a mistyped ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: ...``) and exit code 2."""
+    """argparse, but a usage error is one line (``prog: error: ...``) and exit code 2.
+
+    A mistyped option gets the closest valid one suggested.
+    """
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            unknown = next((word for word in extras if word.startswith("-")), None)
+            if unknown is not None:
+                options = [o for o in self._option_string_actions if o.startswith("--")]
+                message += did_you_mean(unknown.split("=", 1)[0], options)
+            self.error(message)
+        return namespace
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -73,8 +95,10 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> dict:
     actions = _actions_by_dest(parser)
     unknown = sorted(set(data) - set(actions))
     if unknown:
+        hint = did_you_mean(unknown[0], actions)
         raise UserError(
-            f"config file {path}: unknown option {unknown[0]!r}; valid options: {', '.join(sorted(actions))}"
+            f"config file {path}: unknown option {unknown[0]!r}"
+            + (hint or f"; valid options: {', '.join(sorted(actions))}")
         )
     return {key: _coerce(actions[key], key, value, path) for key, value in data.items()}
 
@@ -110,25 +134,49 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def bounded_float(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """An argparse type: a finite float within the given bounds (open or closed).
+
+    NaN and infinity are refused everywhere: no option here has a meaning for
+    them, and downstream they surface as crashes deep inside torch.
+    """
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    wanted = "a finite number" + (f" {' and '.join(parts)}" if parts else "")
+
+    def convert(text) -> float:
+        value = float(text)
+        inside = math.isfinite(value)
+        if inside and low is not None:
+            inside = value > low if low_open else value >= low
+        if inside and high is not None:
+            inside = value < high if high_open else value <= high
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    # argparse names the type in "invalid float value: 'abc'".
+    convert.__name__ = "float"
+    return convert
 
 
-def percentage(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 100], got {text}")
-    return value
+finite_float = bounded_float()
+non_negative_float = bounded_float(0)
+positive_float = bounded_float(0, low_open=True)
+percentage = bounded_float(0, 100)
 
 
-def positive_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+#: a share strictly between 0 and 1 (train.py's --val_fraction)
+positive_fraction = bounded_float(0, 1, low_open=True, high_open=True)
 
 
 def add_partition_arguments(group) -> None:

@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from experiment.errors import UserError
+
 
 def plain(value):
     """``value`` as JSON-ready plain data: tensors and numpy to lists/numbers, NaN/inf to None."""
@@ -30,12 +32,21 @@ def plain(value):
     return value
 
 
+def current_umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(plain(data), indent=2, allow_nan=False)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a results file is as readable as any other output.
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "w") as out:
             out.write(text + "\n")
             out.flush()
@@ -64,3 +75,54 @@ def new_run_dir(root: str | os.PathLike, exp_name: str) -> Path:
             return candidate
         except FileExistsError:
             version += 1
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """UserError unless the folder ``path`` exists or can be made, and is writable; creates nothing.
+
+    Called before any work, so that a run never ends by failing to save what it did.
+    """
+    path = Path(path)
+    existing = _nearest_existing(path, f"{option} {path}")
+    if not existing.is_dir():
+        if existing == path:
+            raise UserError(f"{option} {path} is a file, not a folder")
+        raise UserError(f"{option} {path} cannot be made: {existing} is a file")
+    where = "" if existing == path else f" in {existing}"
+    _probe(
+        existing, f"{option} {path} cannot be {'written' if existing == path else 'made'}{where}"
+    )
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """UserError unless the file ``path`` can be written (replaced or created); creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    existing = _nearest_existing(path.parent, f"{option} {path}")
+    if not existing.is_dir():
+        raise UserError(f"{option} {path} cannot be written: {existing} is a file")
+    # The file is replaced by renaming a temporary file into place: its folder must be writable.
+    _probe(existing, f"{option} {path} cannot be written in {existing}")
+
+
+def _nearest_existing(folder: Path, shown: str) -> Path:
+    """Where the missing folders of ``folder`` would be made."""
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise UserError(f"{shown} cannot be made: {existing} is a broken link")
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    return existing
+
+
+def _probe(folder: Path, message: str) -> None:
+    # os.access says yes to root on a read-only folder, so try it: a file made and removed at once.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as err:
+        raise UserError(f"{message} ({err.strerror or type(err).__name__})") from None
+    os.close(handle)
+    os.unlink(probe)

@@ -120,6 +120,23 @@ class VictimClassifier(pl.LightningModule):
         )
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._validated_at = int(self.trainer.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the latest validation accuracy and the step it was measured at.
+
+        Stage sweeps show it beside the leakage; an iteration stage inside an epoch
+        carries the accuracy of the last epoch end (``val_step`` says which), and the
+        untrained stage 0 none.
+        """
+        step = getattr(self, "_validated_at", None)
+        accuracy = self.trainer.callback_metrics.get("val/acc") if step is not None else None
+        checkpoint["validation"] = (
+            {"val_acc": float(accuracy), "val_step": step} if accuracy is not None else None
+        )
+
     def configure_optimizers(self):
         hp = self.hparams
         if hp.optimizer == "SGD":

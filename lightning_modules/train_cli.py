@@ -10,6 +10,8 @@ from experiment.options import (
     add_data_source_arguments,
     add_network_arguments,
     add_partition_arguments,
+    non_negative_float,
+    positive_float,
     positive_int,
 )
 
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps to train (with --iter_train)",
     )
     optim.add_argument("--batch_size", type=positive_int, default=128, help="training batch size")
-    optim.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    optim.add_argument("--lr", type=positive_float, default=0.1, help="learning rate")
     optim.add_argument(
         "--optimizer", default="SGD", choices=["SGD", "AdamW"], help="SGD: Nesterov momentum 0.9"
     )
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["linear", "none"],
         help="linear: lr x0.1 after 3/8, 5/8 and 7/8 of training",
     )
-    optim.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    optim.add_argument("--weight_decay", type=non_negative_float, default=5e-4, help="weight decay")
     optim.add_argument(
         "--warmup",
         action="store_true",

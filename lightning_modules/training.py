@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from experiment.errors import CheckpointError, UserError
 from lightning_modules.checkpoints import (
@@ -178,10 +181,30 @@ def leakage_callbacks(args: argparse.Namespace) -> list[Callback]:
     return [LabelLeakageCallback(attack_every_n_steps=args.attack_every_n_steps)]
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+def silence_lightning_noise() -> None:
+    """Drop Lightning's adverts for its cloud services and a deprecation inside its own code.
+
+    Neither is anything a user of train.py can act on; Lightning's other messages stay.
+    """
+    # Filters are kept in a list without duplicates, so calling this twice adds nothing.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_an_advert)
+    # Lightning's pytree helper builds torch's deprecated LeafSpec on every run (torch >= 2.10).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+
+
 def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Trainer:
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+    silence_lightning_noise()
     logger = TensorBoardLogger(
         save_dir=str(args.log_dir), name=args.exp_name, default_hp_metric=False
     )
@@ -208,9 +231,14 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Tra
 def train(args: argparse.Namespace) -> list[Path]:
     """Check everything, then train; returns the stage checkpoints in ``model_path`` of this run."""
     from datamodules import dataset_info
+    from experiment.runs import check_output_dir
     from lightning_modules.classifier import VictimClassifier
     from lightning_modules.networks import check_network_fits
 
+    if not args.dryrun:
+        # Before any work: a run must not train for hours and then fail to save its checkpoints.
+        check_output_dir(args.model_path, "--model_path")
+        check_output_dir(Path(args.log_dir) / args.exp_name, "--log_dir")
     num_classes, input_shape, synthetic = dataset_info(args.dataset)
     check_network_fits(
         args.model, tuple(input_shape), **{n: getattr(args, n) for n in NETWORK_OPTIONS}
@@ -237,6 +265,13 @@ def train(args: argparse.Namespace) -> list[Path]:
     every = (args.iter_interval if args.iter_train else args.epoch_interval) if args.mid_save else 0
     checkpoint = StageCheckpoint(args.model_path, args.model, args.dataset, unit, every)
     trainer = build_trainer(args, [*callbacks, checkpoint])
+    if trainer.world_size == 1:
+        # The datamodule's state_dict holds the sampler's position, so a mid-epoch resume is
+        # exact on one process; under DDP, Lightning's DistributedSampler restarts the epoch
+        # and the warning stays true.
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+        )
     if synthetic:
         log.info("data: %s is SYNTHETIC (generated in memory, no files read)", args.dataset)
     pl.seed_everything(args.seed, workers=True)
@@ -244,19 +279,25 @@ def train(args: argparse.Namespace) -> list[Path]:
     # weights_only: resuming never runs code that a checkpoint file brings along.
     try:
         trainer.fit(classifier, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    except SIGTERMException as err:
+        # Raised after the callbacks' on_exception ran, which saved the state to resume from.
+        raise TrainingInterrupted(checkpoint.interrupted_path, signal.SIGTERM) from err
     except (KeyboardInterrupt, SystemExit) as err:
-        # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException after
-        # the callbacks' on_exception ran, which saved the state to resume from.
-        raise TrainingInterrupted(checkpoint.interrupted_path) from err
+        # Lightning turns Ctrl-C into SystemExit(1), also after on_exception.
+        raise TrainingInterrupted(checkpoint.interrupted_path, signal.SIGINT) from err
     return saved_stages(args) if trainer.is_global_zero else []
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped by a signal; ``checkpoint`` (or None) is the state to resume from."""
+    """Training stopped by a signal; ``checkpoint`` (or None) is the state to resume from.
 
-    def __init__(self, checkpoint: str | None):
+    ``signum`` is the signal, for the exit code 128 + signum (130 Ctrl-C, 143 SIGTERM).
+    """
+
+    def __init__(self, checkpoint: str | None, signum: int = signal.SIGINT):
         super().__init__(checkpoint)
         self.checkpoint = checkpoint
+        self.signum = int(signum)
 
 
 def saved_stages(args: argparse.Namespace) -> list[Path]:

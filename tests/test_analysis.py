@@ -291,12 +291,13 @@ def test_attack_py_analysis_and_custom_counts(tmp_path):
     assert results["analysis"]["tries"] == 2 and results["analysis"]["ratio"] == 0.1
     assert set(results["analysis"]["mean"]) == set(ALL_NAMES)
     assert set(results["tries"][0]["analysis"]) == set(ALL_NAMES)
-    assert "error analysis" in proc.stderr and "Soteria: grad_W[c] vs class mean e" in proc.stderr
-    assert results["defense"] is None and "defense: none" in proc.stderr
+    # The tables are the run's results: stdout.
+    assert "error analysis" in proc.stdout and "Soteria: grad_W[c] vs class mean e" in proc.stdout
+    assert results["defense"] is None and "defense: none" in proc.stdout
     counts = results["custom_class_counts"]
     assert counts["classes"] == [0, 18, 92] and counts["true"] == [1.0, 22.0, 1.0]
     assert set(counts["restored"]) == {"iLRG"}
-    assert "mean restored counts over 2 tries" in proc.stderr
+    assert "mean restored counts over 2 tries" in proc.stdout
 
 
 @pytest.mark.slow

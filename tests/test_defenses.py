@@ -343,7 +343,7 @@ def test_attack_py_runs_each_defense_and_says_so(tmp_path, method, flag, value):
         "value": float(value),
         "seed": 1234,
     }
-    assert f"defense: {name} ({parameter} = {float(value):g})" in proc.stderr
+    assert f"defense: {name} ({parameter} = {float(value):g})" in proc.stdout
     assert results["tries_done"] == 2
 
 

@@ -24,7 +24,7 @@ from attacks.reconstruction.inverting import (
     reconstruct,
 )
 from attacks.runner import Extension, TryContext
-from experiment.options import non_negative_float, positive_int
+from experiment.options import non_negative_float, positive_float, positive_int
 
 log = logging.getLogger("attack")
 
@@ -241,7 +241,7 @@ def add_reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--rec_lr",
-        type=float,
+        type=positive_float,
         default=None,
         help="learning rate (None: adam 0.1, sgd 0.01, lbfgs 1)",
     )
