@@ -413,8 +413,8 @@ def test_preset_table_runs_each_preset_and_prints_one_markdown_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[:2] == [
-        "| preset | defense | method | tries | LeAcc | LnAcc | IRec |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| preset | defense | method | tries | LeAcc | LnAcc | LnAcc+ | IRec | Exact |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     assert lines[2].startswith("| plain | none | iLRG | 1 | ")
     assert lines[3].startswith("| noisy | dp noise_std=0.01 | iLRG | 1 | ")
