@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probability row instead (its bias gradient is near zero); 0 = the paper's method as published",
     )
     aux = parser.add_argument_group(
-        "auxiliary data (the server's labelled samples, for RLU and LLBG)"
+        "auxiliary data (the server's labelled samples, for RLU, LLBG and RLU+)"
     )
     aux.add_argument(
         "--aux_split",
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", *VIEWS),
         help="where the auxiliary samples come from; never data the attacked batches come from. "
         "auto: the held-out counterpart of --split (val for train, fit_val for fit_train, and back), "
-        "and without it on disk --compare leaves RLU and LLBG out",
+        "and without it on disk --compare leaves them out",
     )
     aux.add_argument(
         "--aux_per_class",
