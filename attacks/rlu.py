@@ -68,16 +68,12 @@ def round_to_total(values: torch.Tensor, total: int) -> torch.Tensor:
     return counts
 
 
-def least_squares_counts(
-    matrix: torch.Tensor, target: torch.Tensor, offset: torch.Tensor | None = None
-) -> torch.Tensor:
-    """argmin |matrix m + offset - target| over m >= 0, in float64."""
+def least_squares_counts(matrix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """argmin |matrix m - target| over m >= 0, in float64."""
     # A diverged model (NaN outputs on the auxiliary data) or gradient leaves those entries
     # without information: zeros, so the answer is still K labels.
     matrix = torch.nan_to_num(matrix.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
     target = torch.nan_to_num(target.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if offset is not None:
-        target = target - torch.nan_to_num(offset, nan=0.0, posinf=0.0, neginf=0.0)
     solution, _ = nnls(matrix.cpu().numpy(), target.cpu().numpy(), maxiter=50 * matrix.shape[1])
     return torch.from_numpy(solution)
 
@@ -203,7 +199,9 @@ class RLUGivenPresence(RLU):
         bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
         rounding = shared.num_images * rounding_of(shared.bias_grad) * float(bias_grad.abs().max())
         values, vectors = torch.linalg.eigh(covariance)
-        floor = max(rounding**2, float(values.max().clamp_min(0)) * 1e-12, 1e-300)
+        # The rounding of the gradient, and float64's own resolution of this eigen-decomposition.
+        resolution = float(values.max().clamp_min(0)) * len(values) * torch.finfo(torch.float64).eps
+        floor = max(rounding**2, resolution, torch.finfo(torch.float64).tiny)
         return vectors @ torch.diag(values.clamp_min(floor).rsqrt()) @ vectors.T
 
     def present_classes(self, shared: SharedGradients) -> torch.Tensor:

@@ -94,7 +94,7 @@ class Setup:
 
 
 def method_names(args: argparse.Namespace, auxiliary: bool = False) -> list[str]:
-    """``--attacks``, then with ``--compare`` the prior attacks (and, given auxiliary data, RLU and LLBG)."""
+    """``--attacks``, then with ``--compare`` the prior attacks (and, given auxiliary data, the auxiliary ones)."""
     compared = list(PRIOR_ATTACKS) + (list(AUXILIARY_ATTACKS) if auxiliary else [])
     names = list(dict.fromkeys(args.attacks + (compared if args.compare else [])))
     for name in names:
