@@ -172,8 +172,10 @@ class AuxiliaryAttack:
         self._cached: tuple[tuple, ClassStatistics] | None = None
 
     @classmethod
-    def from_options(cls, auxiliary: AuxiliaryData | None = None, **_):
-        return cls(auxiliary)
+    def from_options(
+        cls, auxiliary: AuxiliaryData | None = None, layer_name: str | None = None, **_
+    ):
+        return cls(auxiliary, layer_name=layer_name)
 
     def statistics(self, model: nn.Module | None, num_classes: int) -> ClassStatistics:
         if model is None:

@@ -33,6 +33,8 @@ import torch
 from scipy.optimize import nnls
 
 from attacks.auxiliary import AuxiliaryAttack, AuxiliaryData
+from attacks.gradinversion import GradInversionLabels
+from attacks.ilrg import adjust_to_total
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
 from attacks.rlg import rounding_of
@@ -42,30 +44,25 @@ SUM_ROW_WEIGHT = 1e3
 
 
 def round_to_total(values: torch.Tensor, total: int) -> torch.Tensor:
-    """Non-negative integers summing to ``total``, each within one of ``values`` (largest remainders).
-
-    Values that are not finite count as zero; all zero, the total is spread evenly.
-    """
+    """Non-negative integers summing to ``total``, each within one of ``values``: the floors,
+    then iLRG's ``adjust_to_total`` (largest remainders; evenly where nothing is finite)."""
     values = torch.nan_to_num(values.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
     values = values.clamp_min(0)
-    if not float(values.sum()) > 0:
-        values = torch.full_like(values, total / max(values.numel(), 1))
-    floors = values.floor()
-    counts = floors.long()
-    missing = total - int(counts.sum())
-    fraction = values - floors
-    if missing > 0:
-        whole, rest = divmod(missing, counts.numel())
-        counts += whole
-        counts[torch.topk(fraction, rest).indices] += 1
-    while missing < 0:
-        # More than K in the floors (a sum row that held loosely): take from the smallest remainders.
-        fraction = torch.where(counts > 0, fraction, torch.inf)
-        take = torch.topk(fraction, min(-missing, int((counts > 0).sum())), largest=False).indices
-        counts[take] -= 1
-        fraction[take] = torch.inf
-        missing += take.numel()
-    return counts
+    return adjust_to_total(values, values.floor().long(), total)
+
+
+def with_total(system: torch.Tensor, wanted: torch.Tensor, total: float):
+    """``system`` and ``wanted`` with a row of ones that holds the sum at ``total``.
+
+    Weighted far above every column, the row is enforced rather than fitted:
+    with the scale left free, a column near zero (a class the model is sure
+    of) would take any count at no cost.
+    """
+    weight = SUM_ROW_WEIGHT * float(system.abs().sum(dim=0).max().clamp_min(1e-300))
+    ones = torch.full((1, system.shape[1]), weight, dtype=torch.float64)
+    return torch.cat([system, ones]), torch.cat(
+        [wanted, torch.tensor([weight * total], dtype=torch.float64)]
+    )
 
 
 def least_squares_counts(matrix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -103,15 +100,8 @@ class RLU(AuxiliaryAttack):
         return torch.nan_to_num(torch.cat(blocks)), torch.cat(targets)
 
     def __call__(self, shared: SharedGradients) -> Restoration:
-        matrix, target = self.system(shared)
-        num_images = shared.num_images
-        # Normalised to K by a heavily weighted row of ones: with the scale left free, a class
-        # the model is sure of (a column near zero) would take any count at no cost.
-        weight = SUM_ROW_WEIGHT * float(matrix.abs().sum(dim=0).max().clamp_min(1e-300))
-        system = torch.cat([matrix, torch.full((1, matrix.shape[1]), weight, dtype=torch.float64)])
-        wanted = torch.cat([target, torch.tensor([weight * num_images], dtype=torch.float64)])
-        estimate = least_squares_counts(system, wanted)
-        counts = round_to_total(estimate, num_images).to(shared.bias_grad.device)
+        estimate = least_squares_counts(*with_total(*self.system(shared), shared.num_images))
+        counts = round_to_total(estimate, shared.num_images).to(shared.bias_grad.device)
         return Restoration.from_counts(counts, counts)
 
 
@@ -175,10 +165,7 @@ class RLUGivenPresence(RLU):
                 torch.full((count,), prior_mean / prior_std, dtype=torch.float64),
             ]
         )
-        weight = SUM_ROW_WEIGHT * float(system.abs().sum(dim=0).max().clamp_min(1.0))
-        system = torch.cat([system, torch.full((1, count), weight, dtype=torch.float64)])
-        wanted = torch.cat([wanted, torch.tensor([weight * remaining], dtype=torch.float64)])
-        return least_squares_counts(system, wanted)
+        return least_squares_counts(*with_total(system, wanted, remaining))
 
     def whitening(
         self, shared: SharedGradients, stats, classes: torch.Tensor, per_class: float
@@ -209,8 +196,7 @@ class RLUGivenPresence(RLU):
         bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu(), nan=0.0)
         stats = self.statistics(shared.model, shared.num_classes)
         if stats.non_negative_embeddings:
-            weight_grad = shared.weight_grad.detach().to(torch.float64).cpu()
-            present = torch.nan_to_num(weight_grad, nan=0.0).amin(dim=1) < 0
+            present = GradInversionLabels()(shared).present.cpu()
         else:
             present = bias_grad < 0
         if int(present.sum()) > num_images or not bool(present.any()):

@@ -122,6 +122,12 @@ def victim_partition(args: argparse.Namespace, trained):
     return saved
 
 
+def left_out(reason: Exception) -> tuple[None, None]:
+    """No auxiliary data where ``--aux_split auto`` found none fit: said, and the attacks left out."""
+    log.info("no auxiliary data (%s): %s are left out", reason, ", ".join(AUXILIARY_ATTACKS))
+    return None, None
+
+
 def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, num_classes):
     """The server's labelled samples and what results.json says of them; (None, None) without.
 
@@ -149,8 +155,7 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
                 raise UserError(
                     f"no auxiliary data for {', '.join(a for a in args.attacks if a in AUXILIARY_ATTACKS)}: {err}"
                 ) from None
-            log.info("no auxiliary data (%s): %s are left out", err, ", ".join(AUXILIARY_ATTACKS))
-            return None, None
+            return left_out(err)
     else:
         view = data_view(datamodule, name, partition)
     if view.overlaps(attacked):
@@ -167,8 +172,7 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
     except UserError as err:
         if args.aux_split != "auto" or wanted:
             raise
-        log.info("no auxiliary data (%s): %s are left out", err, ", ".join(AUXILIARY_ATTACKS))
-        return None, None
+        return left_out(err)
     per_class = torch.bincount(labels, minlength=num_classes)
     return auxiliary, {
         "split": name,

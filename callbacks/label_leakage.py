@@ -164,7 +164,12 @@ class LabelLeakageCallback(pl.Callback):
         if not names:
             raise UserError("LabelLeakageCallback needs at least one attack")
         self.auxiliary = auxiliary_data(auxiliary)
-        options = {**dict(attack_options or {}), "auxiliary": self.auxiliary}
+        # The attacks that run the model find the attacked layer by the same rule as the callback.
+        options = {
+            **dict(attack_options or {}),
+            "auxiliary": self.auxiliary,
+            "layer_name": layer_name,
+        }
         self.attack_every_n_steps = attack_every_n_steps
         self.attacks = {name: build_attack(name, **options) for name in names}
         self.metrics = {
@@ -199,9 +204,6 @@ class LabelLeakageCallback(pl.Callback):
             )
         if self.auxiliary is not None:
             self.auxiliary.check_covers(self._layer.out_features)
-        for attack in self.attacks.values():
-            if hasattr(attack, "layer_name"):
-                attack.layer_name = self.layer_name
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for metrics in self.metrics.values():

@@ -7,6 +7,23 @@ from torch import nn
 
 from attacks.gradients import batch_gradients, chunked, share
 
+#: what --compare runs besides iLRG on data with a held-out split, in table order
+COMPARED_METHODS = [
+    "iLRG",
+    "iDLG",
+    "GI",
+    "RLG",
+    "LLG",
+    "bias",
+    "random",
+    "zeros",
+    "RLU",
+    "LLBG",
+    "RLU+",
+]
+#: the scores of a method that restores counts
+COUNT_METRICS = ("LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact")
+
 
 class TinyVictim(nn.Module):
     """ReLU features then a linear classifier: non-negative embeddings, as the prior attacks assume."""

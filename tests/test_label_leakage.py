@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from callbacks import LabelLeakageCallback
 from experiment.errors import UserError
+from tests.helpers import COUNT_METRICS
 from tests.tiny_training import (
     TinyClassifier,
     cpu_trainer,
@@ -24,8 +25,6 @@ from tests.tiny_training import (
     scalars,
     tensorboard_logger,
 )
-
-COUNT_METRICS = ("LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact")
 
 
 def fit(callback, tmp_path, model=None, data=None, batch_size=16, shuffle=False, **trainer_options):

@@ -10,6 +10,7 @@ import torch
 import attack
 import train
 from tests.conftest import REPO
+from tests.helpers import COMPARED_METHODS, COUNT_METRICS
 
 STAGES = (0, 2, 4)
 
@@ -108,27 +109,9 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
     }
     assert summary["status"] == "complete" and summary["unit"] == "iteration"
     assert summary["stages"] == list(STAGES) and summary["pending"] == []
-    assert summary["methods"] == [
-        "iLRG",
-        "iDLG",
-        "GI",
-        "RLG",
-        "LLG",
-        "bias",
-        "random",
-        "zeros",
-        "RLU",
-        "LLBG",
-        "RLU+",
-    ]
+    assert summary["methods"] == COMPARED_METHODS
     assert [r["label"] for r in summary["results"]] == [f"Iter{n}" for n in STAGES]
-    assert set(summary["results"][0]["summary"]["iLRG"]) == {
-        "LeAcc",
-        "LnAcc",
-        "LnAcc+",
-        "IRec",
-        "Exact",
-    }
+    assert set(summary["results"][0]["summary"]["iLRG"]) == set(COUNT_METRICS)
 
     # One table, stage x method, after the per-stage ones.
     table = proc.stderr + proc.stdout
