@@ -3,6 +3,7 @@
 # Importing a module registers its attack.
 from attacks import (  # noqa: F401
     bias_corrected,
+    decompose,
     gradinversion,
     idlg,
     ilrg,
@@ -17,7 +18,9 @@ from attacks.auxiliary import AuxiliaryData
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import ATTACKS, build_attack, check_attack_name
 
-#: the methods ``--compare`` runs besides iLRG, in table order
+#: this project's per-sample attack, which ``--compare`` runs right after iLRG
+PER_SAMPLE_ATTACKS = ("decompose",)
+#: the published methods ``--compare`` runs besides iLRG, in table order
 PRIOR_ATTACKS = ("iDLG", "GI", "RLG", "LLG", "bias", "random", "zeros")
 #: the attacks that need the server's auxiliary data (``--aux_split``); ``--compare`` adds them
 #: when auxiliary data is given
@@ -27,6 +30,7 @@ __all__ = [
     "ATTACKS",
     "AUXILIARY_ATTACKS",
     "AuxiliaryData",
+    "PER_SAMPLE_ATTACKS",
     "PRIOR_ATTACKS",
     "Restoration",
     "SharedGradients",

@@ -59,6 +59,14 @@ class Restoration:
     adjusted_counts: torch.Tensor | None = None
     #: classes whose gradient carried no usable information (non-finite or exactly zero bias grad)
     undetermined: torch.Tensor | None = None
+    #: per-sample attacks: the labels of the samples told apart, one entry per separated sample
+    #: (the rest of the batch is counted some other way); ``None`` for count-level attacks
+    sample_labels: torch.Tensor | None = None
+
+    @property
+    def separated(self) -> int | None:
+        """How many of the K samples the attack told apart, or ``None`` if it does not try."""
+        return None if self.sample_labels is None else int(self.sample_labels.numel())
 
     @classmethod
     def from_counts(

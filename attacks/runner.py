@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from attacks import AUXILIARY_ATTACKS, PRIOR_ATTACKS, AuxiliaryData, build_attack, check_attack_name
+from attacks import (
+    AUXILIARY_ATTACKS,
+    PER_SAMPLE_ATTACKS,
+    PRIOR_ATTACKS,
+    AuxiliaryData,
+    build_attack,
+    check_attack_name,
+)
 from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.report import METRIC_NAMES, MethodScores, format_table
@@ -94,8 +101,10 @@ class Setup:
 
 
 def method_names(args: argparse.Namespace, auxiliary: bool = False) -> list[str]:
-    """``--attacks``, then with ``--compare`` the prior attacks (and, given auxiliary data, the auxiliary ones)."""
-    compared = list(PRIOR_ATTACKS) + (list(AUXILIARY_ATTACKS) if auxiliary else [])
+    """``--attacks``, then with ``--compare`` decompose, the prior attacks and, given auxiliary
+    data, the auxiliary ones."""
+    compared = list(PER_SAMPLE_ATTACKS) + list(PRIOR_ATTACKS)
+    compared += list(AUXILIARY_ATTACKS) if auxiliary else []
     names = list(dict.fromkeys(args.attacks + (compared if args.compare else [])))
     for name in names:
         check_attack_name(name)
@@ -321,6 +330,18 @@ def load_chunks(setup: Setup, indices: torch.Tensor):
         yield images.to(setup.device, non_blocking=True), labels.to(setup.device, non_blocking=True)
 
 
+def method_record(restoration) -> dict:
+    """One method's answer in results.json: its counts (or present classes), and for a
+    per-sample attack how many samples it told apart and their labels."""
+    if restoration.counts is None:
+        return {"present": torch.nonzero(restoration.present).flatten().tolist()}
+    record = {"counts": restoration.counts.tolist()}
+    if restoration.sample_labels is not None:
+        record["separated"] = restoration.separated
+        record["sample_labels"] = sorted(restoration.sample_labels.tolist())
+    return record
+
+
 def _raise_interrupted(signum, _frame):
     raise Interrupted(signum)
 
@@ -372,11 +393,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                     torch.cuda.synchronize()
                 scores[name].seconds.append(time.perf_counter() - started)
                 values = scores[name].update(restoration, true_counts, known)
-                record["methods"][name] = (
-                    {"counts": restoration.counts.tolist()}
-                    if restoration.counts is not None
-                    else {"present": torch.nonzero(restoration.present).flatten().tolist()}
-                )
+                record["methods"][name] = method_record(restoration)
                 if writer is not None:
                     for metric, value in values.items():
                         writer.add_scalar(f"{name}/{metric}", value, index)

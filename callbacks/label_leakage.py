@@ -172,6 +172,11 @@ class LabelLeakageCallback(pl.Callback):
         }
         self.attack_every_n_steps = attack_every_n_steps
         self.attacks = {name: build_attack(name, **options) for name in names}
+        # Copies of every parameter's gradient only for the attacks that read more than the
+        # attacked layer (decompose reads the hidden layer before it).
+        self.needs_parameter_grads = any(
+            getattr(attack, "needs_parameter_grads", False) for attack in self.attacks.values()
+        )
         self.metrics = {
             name: unsynced_metrics(attack.restores_counts) for name, attack in self.attacks.items()
         }
@@ -320,8 +325,18 @@ class LabelLeakageCallback(pl.Callback):
             # The weights the gradient was taken at (the optimizer has not stepped yet): the
             # auxiliary attacks run the model on the server's data with them.
             model=model,
+            parameter_grads=self._parameter_grads(model) if self.needs_parameter_grads else None,
         )
         return shared, bool(torch.isfinite(flat[: sizes[0] + sizes[1]]).all())
+
+    @staticmethod
+    def _parameter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every trainable parameter's gradient, copied, by the model's own parameter names."""
+        return {
+            name: parameter.grad.detach().clone()
+            for name, parameter in model.named_parameters()
+            if parameter.grad is not None
+        }
 
     def _score(
         self, restorations: dict[str, Restoration], true_counts: torch.Tensor

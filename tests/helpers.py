@@ -10,6 +10,7 @@ from attacks.gradients import batch_gradients, chunked, share
 #: what --compare runs besides iLRG on data with a held-out split, in table order
 COMPARED_METHODS = [
     "iLRG",
+    "decompose",
     "iDLG",
     "GI",
     "RLG",

@@ -5,6 +5,7 @@ import torch
 from attacks import (
     ATTACKS,
     AUXILIARY_ATTACKS,
+    PER_SAMPLE_ATTACKS,
     PRIOR_ATTACKS,
     AuxiliaryData,
     SharedGradients,
@@ -31,7 +32,9 @@ def hand_made(weight_grad, bias_grad=None, k=3):
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert set(PRIOR_ATTACKS) | set(AUXILIARY_ATTACKS) | {"iLRG"} == set(ATTACKS)
+    assert set(PRIOR_ATTACKS) | set(AUXILIARY_ATTACKS) | set(PER_SAMPLE_ATTACKS) | {"iLRG"} == set(
+        ATTACKS
+    )
     with pytest.raises(UserError, match=r"^unknown attack 'DLG'; valid attacks: .*iLRG"):
         build_attack("DLG")
 

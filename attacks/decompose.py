@@ -1,0 +1,652 @@
+"""``decompose``: per-sample labels by disaggregating a linear layer's gradient.
+
+For a linear layer z = W a + b and the mean loss over K samples, the gradient
+[grad_W, grad_b] = (1/K) sum_n g_n [a_n, 1]^T is a sum of K rank-one terms: its
+row space is spanned by the inputs [a_n, 1], whose last coordinate 1 fixes
+each one's scale. Where the inputs come out of a ReLU they are non-negative
+with many zeros, and each sample's [a_n, 1] is a vertex of the non-negative
+part of that row space (the observation behind SPEAR, Dimitrov et al.,
+NeurIPS 2024, who find such vectors by sampling; here they are found by linear
+programmes, which does not slow down with K). A vertex that is a sample
+vanishes on far more coordinates than the r - 1 any vertex has, and is refined
+to the exact null vector of those coordinates.
+
+Two layers, by what the gradient allows:
+
+- the classifier, z = W e + b: its inputs are the embeddings. The errors
+  p_n - y_n all sum to zero, so its gradient has rank at most C - 1: used
+  while K < C.
+- the hidden layer before it, where the classifier's input is ReLU(W' a + b')
+  (FCN-3, LeNet-5, the VGG head): rank K up to its width. Its inputs a_n give
+  the embeddings by running the layer and its ReLU.
+
+Each candidate's label follows from the model alone, with nothing fitted: the
+server computes p_n = softmax(W e_n + b), so a sample with label c adds the
+known term (1/K) g_c [a_n, 1]^T, with g_c = p_n - onehot(c) at the classifier
+and (W^T (p_n - onehot(c))) * [z_n > 0] at the hidden layer. ``identify``
+takes out the terms the gradient holds exactly (a matching pursuit with exact
+amplitudes, robust to candidates that are no sample) and judges the rest by a
+joint least squares; what the samples found leave of the gradient is searched
+once more for the ones whose vertex the first search missed.
+
+What limits it: a sample the model fits with p_y = 1 - eps adds eps to the
+gradient; its direction is resolved only to (noise / eps), and below the
+gradient's rounding it is not there at all (``Restoration.separated`` counts
+the samples told apart). The rest of the batch is counted by iLRG on the
+gradient with the separated samples' terms taken out. A vertex needs r - 1
+zeros: K = 64 on LeNet-5 (84 units, about 40 active) or inputs with no zeros
+(after a global average pool, ResNets) separate nothing, and the answer is
+iLRG's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+from attacks.cpu_threads import one_cpu_thread
+from attacks.gradients import last_linear_layer
+from attacks.ilrg import ILRG, SKETCH_OVERSAMPLING
+from attacks.observation import Restoration, SharedGradients
+from attacks.registry import register_attack
+
+#: a direction whose singular value is below this many times the noise's largest is not resolved
+RESOLVED_RATIO = 8.0
+#: linear programmes per dimension of the space before the vertex search gives up
+SEARCH_FACTOR = 3
+#: programmes in a row without a new sample after which the search stops (a space whose
+#: non-negative part has corners everywhere, as where the samples share most active units)
+PATIENCE = 8
+#: searches for vertices, each in what the samples found before leave of the gradient
+ROUNDS = 2
+#: modules that pass the hidden layer's ReLU output to the classifier unchanged in eval mode
+PASS_THROUGH = (nn.Dropout, nn.Identity, nn.Flatten)
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """An orthonormal basis of one side of a gradient, with what its precision allows."""
+
+    basis: torch.Tensor  # m x r, orthonormal columns
+    singular: torch.Tensor  # r singular values
+    noise: float  # per-entry noise of the gradient (rounding, or the spectrum's tail)
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def tolerance(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Per-vector zero tolerance of v = basis @ c (one column of c per vector).
+
+        A basis direction with singular value s is perturbed by about noise / s per
+        coordinate, so v's coordinates carry noise * ||c / s||; the tolerance is the
+        largest of m such Gaussian errors (sqrt(2 ln m) of them) plus one.
+        """
+        spread = torch.linalg.vector_norm(coefficients / self.singular[:, None], dim=0)
+        return (math.sqrt(2 * math.log(self.basis.shape[0])) + 1) * self.noise * spread
+
+
+def rounding_noise(matrix: torch.Tensor, precision: float) -> float:
+    """Per-entry rounding noise of ``matrix`` stored at ``precision``: half an ulp of its rms entry."""
+    return 0.5 * precision * float(matrix.square().mean().sqrt())
+
+
+def subspace(matrix: torch.Tensor, rank_bound: int, precision: float) -> Subspace:
+    """The resolved part of ``matrix``'s row space, for a matrix of rank at most ``rank_bound``
+    plus noise.
+
+    The noise is the larger of the storage rounding and the first singular value
+    past ``rank_bound`` (spread over the matrix's entries, as a random matrix's
+    largest singular value is its entry size times sqrt(m) + sqrt(n)). A large
+    matrix is first sketched onto ``rank_bound + SKETCH_OVERSAMPLING`` random
+    combinations of its rows' columns (iLRG's sketch): its rank is at most the
+    bound, so the sketch holds its whole column space and the SVD costs
+    C x d x (K + 10) instead of C x d x min(C, d).
+    """
+    rows, cols = matrix.shape
+    width = rank_bound + SKETCH_OVERSAMPLING
+    if min(rows, cols) > width:
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(cols, width, dtype=matrix.dtype, generator=generator)
+        columns = torch.linalg.qr(matrix @ probe)[0]
+        _, s, vh = torch.linalg.svd(columns.T @ matrix, full_matrices=False)
+    else:
+        _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    scale = math.sqrt(rows) + math.sqrt(cols)
+    noise = rounding_noise(matrix, precision)
+    if rank_bound < s.numel():
+        noise = max(noise, float(s[rank_bound]) / scale)
+    resolved = int((s[:rank_bound] > RESOLVED_RATIO * noise * scale).sum())
+    return Subspace(vh[:resolved].T.contiguous(), s[:resolved], noise)
+
+
+def simplex_vertices(space: Subspace, generator: torch.Generator) -> list[torch.Tensor]:
+    """The samples among the vertices of {v in span : v >= 0, v[-1] = 1}, refined.
+
+    Every sample's [e_n, 1] is non-negative with last coordinate 1, so the set
+    holds their convex hull, and each sample's vector is one of its vertices
+    wherever no sample's support lies inside another's. One vertex per linear
+    programme: maximise, then minimise, a random direction orthogonal to the
+    samples found so far; the set not inside that hyperplane has a vertex off
+    it at one of the ends. The set can be larger than the hull (the
+    non-negative part of the span has corners no sample is at); such a corner
+    has only the r - 1 zeros where it was cut and is passed over, up to
+    ``SEARCH_FACTOR`` programmes per dimension in all. Coordinates where the
+    whole space vanishes (a unit no sample activates) are no constraint and are
+    left out.
+    """
+    q = space.basis
+    m, r = q.shape
+    if r == 0:
+        return []
+    tolerance = space.tolerance(torch.eye(r, dtype=q.dtype)).amax()
+    live = q.abs().amax(dim=1) > tolerance
+    live[-1] = True
+    constraints = -q[live].numpy()
+    bounds = [(None, None)] * r
+    found: list[tuple[torch.Tensor, float]] = []
+    coefficients: list[torch.Tensor] = []
+    idle = 0
+    for _ in range(SEARCH_FACTOR * r):
+        if len(found) == r or idle == PATIENCE:
+            break
+        idle += 1
+        direction = torch.randn(r, dtype=q.dtype, generator=generator)
+        if coefficients:
+            basis = torch.linalg.qr(torch.stack(coefficients, dim=1))[0]
+            direction -= basis @ (basis.T @ direction)
+        for sign in (1.0, -1.0):
+            result = linprog(
+                -sign * direction.numpy(),
+                A_ub=constraints,
+                b_ub=np.zeros(constraints.shape[0]),
+                A_eq=q[-1:].numpy(),
+                b_eq=[1.0],
+                bounds=bounds,
+                method="highs",
+            )
+            if result.status != 0:
+                continue
+            vertex = torch.from_numpy(result.x)
+            if abs(float(vertex @ direction)) <= tolerance * float(direction.norm()):
+                continue  # on the hyperplane of those found: nothing new this way
+            refined, zeros, error = refine(space, q @ vertex, live)
+            if zeros < 2 * (r - 1):
+                break
+            # A weakly resolved sample can show as several nearby corners: one sample within
+            # the two estimates' errors, kept at the better of them.
+            same = [
+                index
+                for index, (other, other_error) in enumerate(found)
+                if float(torch.linalg.vector_norm(refined - other)) <= error + other_error
+            ]
+            if not same:
+                found.append((refined, error))
+                coefficients.append(q.T @ refined)
+                idle = 0
+            elif error < found[same[0]][1]:
+                found[same[0]] = (refined, error)
+                coefficients[same[0]] = q.T @ refined
+            break
+    return [vector for vector, _ in found]
+
+
+def refine(
+    space: Subspace, vertex: torch.Tensor, live: torch.Tensor
+) -> tuple[torch.Tensor, int, float]:
+    """The vertex moved onto the exact null vector of the rows it vanishes on, how many, and
+    the norm of its error (the zero tolerance over its live coordinates).
+
+    A linear programme's vertex sits where r - 1 constraints meet; the sample it
+    stands for vanishes on every coordinate that came out within tolerance of
+    zero (far more than r - 1 of them where a ReLU left many zeros), and the
+    space's vector closest to zero on all of them is that sample, to the
+    precision of the whole set. A vertex that is no sample (a corner of the
+    non-negative part that the samples' hull does not reach) has its r - 1 zeros
+    and, generically, no more.
+    """
+    q = space.basis
+    c = q.T @ vertex
+    zero = (vertex.abs() <= float(space.tolerance(c[:, None])[0])) & live
+    zero[-1] = False
+    count = int(zero.sum())
+    spread = math.sqrt(int(live.sum()))
+    error = float(space.tolerance(c[:, None])[0]) * spread
+    if count < q.shape[1] - 1:
+        return vertex, count, error
+    null = torch.linalg.svd(q[zero])[2][-1]
+    refined = q @ null
+    tolerance = float(space.tolerance(null[:, None])[0])
+    if refined[-1].abs() <= tolerance:
+        return vertex, count, error
+    return refined / refined[-1], count, tolerance * spread / float(refined[-1].abs())
+
+
+def hidden_layer(model: nn.Module, classifier: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The linear layer whose ReLU output the classifier takes, if the model is built that way.
+
+    Read from the modules' order (a Sequential of features registered before the
+    classifier, as every victim here): walking back from the classifier over
+    modules that pass their input through, a ReLU and then a linear layer with bias.
+    """
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    position = next((i for i, (_, m) in enumerate(leaves) if m is classifier), None)
+    if position is None:
+        return None
+    before = [leaf for leaf in leaves[:position] if not isinstance(leaf[1], PASS_THROUGH)]
+    if len(before) < 2 or type(before[-1][1]) is not nn.ReLU:
+        return None
+    name, layer = before[-1 - 1]
+    if not isinstance(layer, nn.Linear) or layer.bias is None:
+        return None
+    return name, layer
+
+
+def softmax_rows(
+    embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    return torch.softmax(embeddings @ weight.T + bias, dim=1)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Samples told apart: their embeddings [e_n, 1], probabilities and labels."""
+
+    embeddings: torch.Tensor  # n x (d+1), last column 1
+    probabilities: torch.Tensor  # n x C
+    labels: torch.Tensor  # n
+
+    @classmethod
+    def none(cls, dim: int, num_classes: int) -> Samples:
+        empty = torch.zeros(0, dim, dtype=torch.float64)
+        return cls(
+            empty,
+            torch.zeros(0, num_classes, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.long),
+        )
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def errors(self) -> torch.Tensor:
+        """p_n - y_n: each sample's row of the classifier's output gradient (times K)."""
+        onehot = nn.functional.one_hot(self.labels, self.probabilities.shape[1])
+        return self.probabilities - onehot.to(self.probabilities.dtype)
+
+    def extended(self, more: Samples) -> Samples:
+        return Samples(
+            torch.cat([self.embeddings, more.embeddings]),
+            torch.cat([self.probabilities, more.probabilities]),
+            torch.cat([self.labels, more.labels]),
+        )
+
+
+def peel(
+    gradient: torch.Tensor,
+    inputs: torch.Tensor,
+    probabilities: torch.Tensor,
+    num_images: int,
+    limit: int,
+    route: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which candidates are samples, with which labels: matching pursuit with exact amplitudes.
+
+    A sample with input x_n and label c adds the known term T = (1/K) g_c x_n^T
+    to the layer's gradient, where g_c is its output gradient: p_n - onehot(c)
+    at the classifier, (W^T (p_n - onehot(c))) * [z_n > 0] at the hidden layer
+    before it (``route`` = (W, the candidates' active units)). Nothing is
+    fitted: a candidate and label qualify when the gradient's projection on
+    their term is the term itself, <R, T> / ||T||^2 within one half of 1 (a
+    candidate that is no sample, or a wrong label, projects near 0 or far from
+    1), and the strongest qualifying term is taken out of the gradient first,
+    so that the large terms no longer blur the small ones when their turn
+    comes. A sample found twice does not qualify the second time: its term is
+    gone. Returns the chosen candidates, their labels and the residual R.
+    """
+    residual = gradient.clone()
+    count, num_classes = probabilities.shape
+    onehots = torch.eye(num_classes, dtype=probabilities.dtype)
+    if route is None:
+        # ||p - onehot(c)||^2 for every candidate and class
+        sizes = probabilities.square().sum(1, keepdim=True) - 2 * probabilities + 1
+    else:
+        weight, active = route
+        through = (probabilities @ weight) * active  # n x h: the part of g_c from p
+        sizes = (
+            through.square().sum(1, keepdim=True)
+            - 2 * through @ weight.T
+            + active @ weight.square().T
+        )
+    terms = sizes * inputs.square().sum(1, keepdim=True) / num_images**2  # ||T||^2, n x C
+    free = (terms > 0).any(dim=1)
+    chosen: list[int] = []
+    labels: list[int] = []
+    while len(chosen) < limit:
+        projected = inputs @ residual.T  # n x out: R x_n
+        if route is not None:
+            projected = (projected * active) @ weight.T  # n x C
+        inner = ((projected * probabilities).sum(1, keepdim=True) - projected) / num_images
+        ratio = inner / terms.clamp_min(torch.finfo(terms.dtype).tiny)
+        # Each candidate's label is the one whose term the gradient holds most exactly.
+        miss, best = (ratio - 1).abs().min(dim=1)
+        qualifies = (miss <= 0.5) & free
+        if not bool(qualifies.any()):
+            break
+        size = terms.gather(1, best[:, None]).squeeze(1)
+        index = int(torch.where(qualifies, size, -1.0).argmax())
+        label = int(best[index])
+        error = probabilities[index] - onehots[label]
+        output = error if route is None else (error @ weight) * active[index]
+        residual -= torch.outer(output, inputs[index]) / num_images
+        free[index] = False
+        chosen.append(index)
+        labels.append(label)
+    return torch.tensor(chosen, dtype=torch.long), torch.tensor(labels, dtype=torch.long), residual
+
+
+def fit_rest(
+    residual: torch.Tensor,
+    inputs: torch.Tensor,
+    probabilities: torch.Tensor,
+    num_images: int,
+    floor: float,
+    route: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates the peel left, judged together: which are samples, with which labels.
+
+    The peel asks each term to explain itself alone, which a weakly resolved
+    sample cannot while other small terms overlap it. Here the residual is
+    solved for all remaining candidates' output gradients at once (least
+    squares, g_n for each x_n), and a candidate is a sample with label c when
+    its solved g_n is the model's own g_c to within half of g_n's size plus
+    ``floor`` (the client's rounding of it). A candidate that is no sample, or
+    one already taken out, spoils the solution for the others, so while some
+    are inconsistent the one whose removal leaves the most consistent is
+    dropped. Returns the kept candidates and their labels.
+    """
+
+    def judge(rows: torch.Tensor):
+        solved = num_images * torch.linalg.lstsq(inputs[rows].T, residual.T).solution
+        if route is None:
+            # ||g - (p - onehot(c))||^2 = ||g - p||^2 + 2 (g - p)_c + 1
+            offset = solved - probabilities[rows]
+            distance = offset.square().sum(1, keepdim=True) + 2 * offset + 1
+        else:
+            weight, active = route
+            offset = solved - (probabilities[rows] @ weight) * active[rows]
+            distance = (
+                offset.square().sum(1, keepdim=True)
+                + 2 * (offset * active[rows]) @ weight.T
+                + active[rows] @ weight.square().T
+            )
+        best = distance.clamp_min(0).min(dim=1)
+        allowed = 0.5 * torch.linalg.vector_norm(solved, dim=1) + floor
+        return best.indices, best.values.sqrt() <= allowed
+
+    keep = torch.arange(inputs.shape[0])
+    if keep.numel() == 0:
+        return keep, keep
+    labels, consistent = judge(keep)
+    while not bool(consistent.all()) and keep.numel() > 1:
+        trials = [judge(torch.cat([keep[:drop], keep[drop + 1 :]])) for drop in range(keep.numel())]
+        drop = max(range(keep.numel()), key=lambda index: int(trials[index][1].sum()))
+        keep = torch.cat([keep[:drop], keep[drop + 1 :]])
+        labels, consistent = trials[drop]
+    return keep[consistent], labels[consistent]
+
+
+def identify(
+    gradient: torch.Tensor,
+    inputs: torch.Tensor,
+    probabilities: torch.Tensor,
+    num_images: int,
+    limit: int,
+    floor: float,
+    route: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates that are samples, their labels and the gradient left after them.
+
+    Two orders, and the one that explains more samples (then more of the
+    gradient) wins: the peel first, robust to candidates that are no sample but
+    misled where the samples' terms overlap strongly (an untrained model, whose
+    p is near uniform for every sample), then the joint fit on what it left; or
+    the joint fit first, exact when the candidates are the samples, then the
+    peel on the rest.
+    """
+    onehots = torch.eye(probabilities.shape[1], dtype=probabilities.dtype)
+
+    def remove(residual, rows, labels):
+        errors = probabilities[rows] - onehots[labels]
+        outputs = errors if route is None else (errors @ route[0]) * route[1][rows]
+        return residual - outputs.T @ inputs[rows] / num_images
+
+    def restricted(rows):
+        return route if route is None else (route[0], route[1][rows])
+
+    def peel_first():
+        rows, labels, residual = peel(gradient, inputs, probabilities, num_images, limit, route)
+        left = remaining(rows)
+        if rows.numel() < limit and left.numel():
+            kept, more = fit_rest(
+                residual, inputs[left], probabilities[left], num_images, floor, restricted(left)
+            )
+            kept, more = left[kept][: limit - rows.numel()], more[: limit - rows.numel()]
+            residual = remove(residual, kept, more)
+            rows, labels = torch.cat([rows, kept]), torch.cat([labels, more])
+        return rows, labels, residual
+
+    def fit_first():
+        rows, labels = fit_rest(gradient, inputs, probabilities, num_images, floor, route)
+        rows, labels = rows[:limit], labels[:limit]
+        residual = remove(gradient, rows, labels)
+        left = remaining(rows)
+        if rows.numel() < limit and left.numel():
+            kept, more, residual = peel(
+                residual,
+                inputs[left],
+                probabilities[left],
+                num_images,
+                limit - rows.numel(),
+                restricted(left),
+            )
+            rows, labels = torch.cat([rows, left[kept]]), torch.cat([labels, more])
+        return rows, labels, residual
+
+    def remaining(rows):
+        left = torch.ones(inputs.shape[0], dtype=torch.bool)
+        left[rows] = False
+        return torch.nonzero(left).flatten()
+
+    results = [peel_first(), fit_first()]
+    return max(results, key=lambda result: (result[0].numel(), -float(result[2].norm())))
+
+
+def batch_inputs(
+    gradient: torch.Tensor, num_images: int, precision: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Candidate inputs [a_n, 1] of a linear layer, as rows, from its gradient: the vertices of
+    the non-negative part of its resolved row space that have a sample's zeros, each refined
+    to its zero pattern. Needs non-negative inputs (a ReLU before the layer); elsewhere no
+    vertex has more zeros than any vector of the space, and none come back."""
+    found = simplex_vertices(subspace(gradient, num_images, precision), generator)
+    if not found:
+        return gradient.new_zeros(0, gradient.shape[1])
+    return torch.stack(found)
+
+
+@register_attack("decompose")
+class Decompose:
+    """Per-sample labels from the gradient's rank-one terms; iLRG for the samples it cannot separate."""
+
+    restores_counts = True
+    #: the hidden layer's gradient is read from ``SharedGradients.parameter_grads``
+    needs_parameter_grads = True
+
+    def __init__(self, layer_name: str | None = None, fallback: ILRG | None = None, seed: int = 0):
+        self.layer_name = layer_name
+        self.fallback = fallback or ILRG()
+        self.seed = seed
+
+    @classmethod
+    def from_options(
+        cls,
+        layer_name: str | None = None,
+        alpha: float = 1.0,
+        norm_guard: float = 3.0,
+        seed: int = 0,
+        **_,
+    ):
+        return cls(layer_name, ILRG(alpha=alpha, norm_guard=norm_guard), seed)
+
+    def __call__(self, shared: SharedGradients) -> Restoration:
+        with one_cpu_thread(shared.bias_grad.device):
+            return self._restore(shared)
+
+    def _restore(self, shared: SharedGradients) -> Restoration:
+        num_images, num_classes = shared.num_images, shared.num_classes
+        # The programmes' directions are random; seeded per call: one gradient, one answer.
+        generator = torch.Generator().manual_seed(self.seed)
+        precision = torch.finfo(shared.weight_grad.dtype).eps
+        gradient = stacked(shared.weight_grad, shared.bias_grad)
+        weight, bias = (t.detach().to("cpu", torch.float64) for t in (shared.weight, shared.bias))
+        samples = Samples.none(gradient.shape[1], num_classes)
+        if not bool(torch.isfinite(gradient).all()):
+            return self._complete(shared, gradient, samples)
+        # The client rounds each error row p_n - y_n to its precision: one unit at 1 per class
+        # (p_y = 1 - 1e-9 is 1 in float32).
+        floor = 2 * precision * math.sqrt(num_classes)
+        residual = gradient
+        for _ in range(ROUNDS if num_images < num_classes else 0):
+            # The classifier's own gradient has rank K only while K < C. Later rounds search
+            # what the samples found leave of it (see ``_hidden_route``).
+            limit = num_images - len(samples)
+            embeddings = batch_inputs(residual, limit, precision, generator)
+            if limit == 0 or embeddings.shape[0] == 0:
+                break
+            more, residual = self._take(
+                residual, embeddings, weight, bias, num_images, limit, floor
+            )
+            if len(more) == 0:
+                break
+            samples = samples.extended(more)
+        if len(samples) < num_images:
+            hidden = self._hidden_route(shared, precision, generator, weight, bias, floor)
+            if hidden is not None and num_images < num_classes:
+                # Offered to the classifier's residual: a sample found twice no longer fits.
+                more, residual = self._take(
+                    residual,
+                    hidden.embeddings,
+                    weight,
+                    bias,
+                    num_images,
+                    num_images - len(samples),
+                    floor,
+                )
+                samples = samples.extended(more)
+            elif hidden is not None:
+                samples = hidden
+        return self._complete(shared, gradient, samples)
+
+    @staticmethod
+    def _take(
+        residual, embeddings, weight, bias, num_images, limit, floor
+    ) -> tuple[Samples, torch.Tensor]:
+        """The candidate embeddings that are samples, taken out of the classifier's gradient."""
+        probabilities = softmax_rows(embeddings[:, :-1], weight, bias)
+        rows, labels, residual = identify(
+            residual, embeddings, probabilities, num_images, limit, floor
+        )
+        return Samples(embeddings[rows], probabilities[rows], labels), residual
+
+    def _hidden_route(self, shared, precision, generator, weight, bias, floor) -> Samples | None:
+        """Samples through the hidden layer before the classifier: candidate inputs from its
+        gradient, the layer and its ReLU run on them, and the peel in its gradient (rank K
+        up to its width, where the classifier's stops at C - 1)."""
+        if shared.model is None or shared.parameter_grads is None:
+            return None
+        _, classifier = last_linear_layer(shared.model, self.layer_name)
+        found = hidden_layer(shared.model, classifier)
+        if found is None:
+            return None
+        name, layer = found
+        grads = shared.parameter_grads
+        if f"{name}.weight" not in grads or f"{name}.bias" not in grads:
+            return None
+        hidden = stacked(grads[f"{name}.weight"], grads[f"{name}.bias"])
+        if not bool(torch.isfinite(hidden).all()):
+            return None
+        hidden_weight = layer.weight.detach().to("cpu", torch.float64)
+        hidden_bias = layer.bias.detach().to("cpu", torch.float64)
+        # The hidden layer's g is W^T (p - y) on the active units: the client's rounding of
+        # p - y reaches it stretched by at most W's norm.
+        stretch = float(torch.linalg.matrix_norm(weight, ord=2))
+        samples = Samples.none(weight.shape[1] + 1, weight.shape[0])
+        residual = hidden
+        for _ in range(ROUNDS):
+            # A sample whose vertex the first search missed is still in what the samples
+            # found leave of the gradient, now in a space of its own with fewer others.
+            limit = shared.num_images - len(samples)
+            inputs = batch_inputs(residual, limit, precision, generator)
+            if limit == 0 or inputs.shape[0] == 0:
+                break
+            pre = inputs[:, :-1] @ hidden_weight.T + hidden_bias
+            active = (pre > 0).to(pre.dtype)
+            outputs = pre * active
+            embeddings = torch.cat([outputs, outputs.new_ones(outputs.shape[0], 1)], 1)
+            probabilities = softmax_rows(outputs, weight, bias)
+            rows, labels, residual = identify(
+                residual,
+                inputs,
+                probabilities,
+                shared.num_images,
+                limit,
+                floor * stretch,
+                (weight, active),
+            )
+            if rows.numel() == 0:
+                break
+            samples = samples.extended(Samples(embeddings[rows], probabilities[rows], labels))
+        return samples
+
+    def _complete(self, shared, gradient, samples: Samples) -> Restoration:
+        """The separated samples' labels, plus iLRG's counts for the rest of the batch on the
+        gradient with the separated samples' contributions taken out."""
+        num_images, num_classes = shared.num_images, shared.num_classes
+        device = shared.bias_grad.device
+        counts = torch.bincount(samples.labels, minlength=num_classes)
+        rest = num_images - len(samples)
+        if rest == num_images:
+            remaining = self.fallback(shared)
+            return Restoration.from_counts(
+                remaining.counts, remaining.adjusted_counts, sample_labels=samples.labels.to(device)
+            )
+        if rest > 0:
+            residual = gradient - samples.errors().T @ samples.embeddings / num_images
+            residual = residual * (num_images / rest)
+            remaining = self.fallback(
+                shared.replace(
+                    weight_grad=residual[:, :-1].to(device),
+                    bias_grad=residual[:, -1].to(device),
+                    num_images=rest,
+                    known_classes=None,
+                )
+            )
+            counts = counts + remaining.adjusted_counts.cpu()
+        counts = counts.to(device)
+        return Restoration.from_counts(counts, counts, sample_labels=samples.labels.to(device))
+
+
+def stacked(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
+    """[grad_W, grad_b] in float64 on the CPU: the small dense algebra of this attack."""
+    return torch.cat(
+        [
+            weight_grad.detach().to("cpu", torch.float64),
+            bias_grad.detach().to("cpu", torch.float64)[:, None],
+        ],
+        dim=1,
+    )
