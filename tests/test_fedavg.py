@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.auxiliary import AuxiliaryData, class_statistics, trajectory_statistics
 from attacks.gradients import batch_gradients, chunked
 from attacks.local_update import LocalTraining, client_update, end_weights, train_locally
-from tests.helpers import COMPARED_METHODS, TinyVictim
+from tests.helpers import COMPARED_METHODS, TinyVictim, labels_from_counts
 from tests.test_stages import attack_in_process, one_line_error
 
 FLOAT32 = torch.finfo(torch.float32).eps
@@ -134,6 +135,24 @@ def test_a_linear_models_update_matches_the_hand_computed_one(optimizer):
         # W_end = W - lr steps g, in float32: the rounding of W and of lr steps g.
         tolerance = 2 * FLOAT32 * float(start[name].detach().abs().max() + end.abs().max())
         assert torch.allclose(implied.double(), end, rtol=0, atol=tolerance), name
+
+
+def test_trajectory_of_one_full_batch_step_is_the_statistics_at_the_sent_weights():
+    """E = 1, B = K: every auxiliary sample is seen once, at the sent weights."""
+    model = victim()
+    images, _ = tiny_batch(40, seed=1)
+    auxiliary = AuxiliaryData(images, labels_from_counts([4] * 10))
+    at_start = class_statistics(model, auxiliary, 10)
+    along = trajectory_statistics(model, auxiliary, 10, LocalTraining(1, None, 0.5), 8)
+    # float32 (the sent model) against the float64 copy: probabilities agree to float32's rounding.
+    for name in ("probabilities", "weighted_errors", "deviations"):
+        first, second = getattr(at_start, name), getattr(along, name)
+        tolerance = 16 * FLOAT32 * float(first.abs().max())
+        assert torch.allclose(first, second, rtol=0, atol=tolerance), name
+    assert torch.equal(at_start.samples, along.samples)
+    # More steps move the weights and with them the statistics.
+    moved = trajectory_statistics(model, auxiliary, 10, LocalTraining(5, 2, 0.5), 8)
+    assert (moved.probabilities - at_start.probabilities).abs().max() > 100 * FLOAT32
 
 
 # --- attack.py ------------------------------------------------------------------------------
