@@ -23,6 +23,12 @@ memorised sample then adds 1e-6 to 1e-3 of the gradient where the auxiliary
 mean says 0.05, the few least-fitted samples decide the solution, and RLU
 scores below random guessing there (README, trained stages). ``RLU+`` below
 keeps RLU's statistics and fixes what they cannot carry.
+
+Under FedAvg (``shared.local_update``) the gradient is the mean over the
+client's local steps, taken at weights the server never sees. RLU's multi-step
+extension measures the statistics along a simulated local training of the
+auxiliary data instead of at the sent weights (``statistics_for`` of the base
+class, ``attacks.auxiliary.trajectory_statistics``); LLBG and RLU+ share it.
 """
 
 from __future__ import annotations
