@@ -21,14 +21,20 @@ changed (an optimizer step during training, another checkpoint in a sweep).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from attacks.gradients import embed_and_forward
+from attacks.observation import SharedGradients
 from experiment.errors import UserError
+
+if TYPE_CHECKING:
+    from attacks.local_update import LocalTraining
 
 #: samples per forward pass over the auxiliary set: bounds memory, not results
 AUX_BATCH = 256
@@ -119,33 +125,109 @@ def class_statistics(
     """Run the model on the auxiliary data and average the gradient's per-sample terms per class."""
     auxiliary.check_covers(num_classes)
     device = next(model.parameters()).device
-    probability_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    error_sums = torch.zeros_like(probability_sums)
+    errors, weighted = [], []
     non_negative = True
-    errors_per_sample = []
     with evaluation_mode(model), torch.no_grad():
         for start in range(0, auxiliary.labels.numel(), AUX_BATCH):
             images = auxiliary.images[start : start + AUX_BATCH].to(device)
             labels = auxiliary.labels[start : start + AUX_BATCH]
             embeddings, logits = embed_and_forward(model, images, layer_name)
-            probabilities = torch.softmax(logits.to(torch.float64), dim=1).cpu()
-            errors = probabilities - nn.functional.one_hot(labels, num_classes)
-            embedding_sums = embeddings.to(torch.float64).sum(dim=1).cpu()
+            error, weighted_error = sample_terms(embeddings, logits, labels, num_classes)
             non_negative = non_negative and bool((embeddings >= 0).all())
-            errors_per_sample.append(errors)
-            probability_sums.index_add_(0, labels, probabilities)
-            error_sums.index_add_(0, labels, errors * embedding_sums[:, None])
-    samples = torch.bincount(auxiliary.labels, minlength=num_classes)
+            errors.append(error)
+            weighted.append(weighted_error)
+    return per_class(torch.cat(errors), torch.cat(weighted), auxiliary.labels, non_negative)
+
+
+def sample_terms(
+    embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, its terms of K grad_b and K grad_W.sum(1): p - onehot(y), and that times sum_i e_i
+    (float64, on the CPU)."""
+    probabilities = torch.softmax(logits.detach().to(torch.float64), dim=1).cpu()
+    errors = probabilities - nn.functional.one_hot(labels.cpu(), num_classes)
+    embedding_sums = embeddings.detach().to(torch.float64).sum(dim=1).cpu()
+    return errors, errors * embedding_sums[:, None]
+
+
+def per_class(
+    errors: torch.Tensor, weighted_errors: torch.Tensor, labels: torch.Tensor, non_negative: bool
+) -> ClassStatistics:
+    """The per-class means of the per-sample terms (N x C each), and each sample's deviation."""
+    num_classes = errors.shape[1]
+    samples = torch.bincount(labels, minlength=num_classes)
+    eye = torch.eye(num_classes, dtype=torch.float64)
+    probability_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    probability_sums.index_add_(0, labels, errors + eye[labels])
+    error_sums = torch.zeros_like(probability_sums).index_add_(0, labels, weighted_errors)
     probabilities = probability_sums / samples[:, None]
-    mean_errors = probabilities - torch.eye(num_classes, dtype=torch.float64)
-    deviations = torch.cat(errors_per_sample) - mean_errors[auxiliary.labels]
+    deviations = errors - (probabilities - eye)[labels]
     return ClassStatistics(
         probabilities,
         error_sums / samples[:, None],
         samples,
         non_negative,
         deviations,
-        auxiliary.labels.clone(),
+        labels.clone(),
+    )
+
+
+def trajectory_statistics(
+    model: nn.Module,
+    auxiliary: AuxiliaryData,
+    num_classes: int,
+    training: LocalTraining,
+    num_images: int,
+    seed: int = 0,
+    layer_name: str | None = None,
+) -> ClassStatistics:
+    """RLU's multi-step extension: the per-sample terms averaged along a simulated local training.
+
+    Under FedAvg the shared bias "gradient" holds each sample's p - onehot(y)
+    averaged over the E times its mini-batch was used, at weights the server never
+    sees; the client's own samples grow more confident as it fits them. The
+    server plays the client on its auxiliary data: a seeded order cuts the
+    samples into simulated clients of K (the last one filled up from the first
+    samples), each trains a copy of the sent model with the same E, B, lr and
+    optimizer, and every forward pass records the terms of the samples in that
+    mini-batch, at the weights that step's gradient is taken at. Their mean per
+    sample, then per class, replaces the statistics at the sent weights.
+    """
+    from attacks.local_update import local_copy, train_locally
+
+    auxiliary.check_covers(num_classes)
+    count = auxiliary.labels.numel()
+    generator = torch.Generator().manual_seed(seed)
+    clients = math.ceil(count / num_images)
+    order = torch.randperm(count, generator=generator).repeat(
+        math.ceil(clients * num_images / count)
+    )
+    error_sums = torch.zeros(count, num_classes, dtype=torch.float64)
+    weighted_sums = torch.zeros_like(error_sums)
+    visits = torch.zeros(count, dtype=torch.float64)
+    non_negative = True
+    device = next(model.parameters()).device
+    for client in order[: clients * num_images].split(num_images):
+        labels = auxiliary.labels[client]
+
+        def observe(indices, embeddings, logits, client=client, labels=labels):
+            nonlocal non_negative
+            indices = indices.cpu()
+            errors, weighted = sample_terms(embeddings, logits, labels[indices], num_classes)
+            non_negative = non_negative and bool((embeddings >= 0).all())
+            error_sums.index_add_(0, client[indices], errors)
+            weighted_sums.index_add_(0, client[indices], weighted)
+            visits.index_add_(0, client[indices], torch.ones(indices.numel(), dtype=torch.float64))
+
+        images = auxiliary.images[client].to(device, torch.float64)
+        train_locally(
+            local_copy(model), images, labels.to(device), training, generator, observe, layer_name
+        )
+    return per_class(
+        error_sums / visits[:, None],
+        weighted_sums / visits[:, None],
+        auxiliary.labels,
+        non_negative,
     )
 
 
@@ -161,7 +243,9 @@ class AuxiliaryAttack:
 
     restores_counts = True
 
-    def __init__(self, auxiliary: AuxiliaryData | None, layer_name: str | None = None):
+    def __init__(
+        self, auxiliary: AuxiliaryData | None, layer_name: str | None = None, seed: int = 0
+    ):
         if auxiliary is None:
             raise UserError(
                 f"attack {self.name!r} needs auxiliary data (attack.py: --aux_split, --aux_per_class; "
@@ -169,23 +253,55 @@ class AuxiliaryAttack:
             )
         self.auxiliary = auxiliary
         self.layer_name = layer_name
+        #: seeds the simulated local training of a FedAvg update (``trajectory_statistics``)
+        self.seed = seed
         self._cached: tuple[tuple, ClassStatistics] | None = None
 
     @classmethod
     def from_options(
-        cls, auxiliary: AuxiliaryData | None = None, layer_name: str | None = None, **_
+        cls,
+        auxiliary: AuxiliaryData | None = None,
+        layer_name: str | None = None,
+        seed: int = 0,
+        **_,
     ):
-        return cls(auxiliary, layer_name=layer_name)
+        return cls(auxiliary, layer_name=layer_name, seed=seed)
 
-    def statistics(self, model: nn.Module | None, num_classes: int) -> ClassStatistics:
+    def statistics(
+        self,
+        model: nn.Module | None,
+        num_classes: int,
+        training: LocalTraining | None = None,
+        num_images: int = 0,
+    ) -> ClassStatistics:
+        """At the sent weights, or (``training`` given) along a simulated local training of K samples.
+
+        The server's model stays the same over a run's tries, so the simulation runs once per model.
+        """
         if model is None:
             raise UserError(
                 f"attack {self.name!r} runs the model on the auxiliary data: share(...) the model too"
             )
-        key = weights_version(model)
+        key = (weights_version(model), training, num_images)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (
-                key,
-                class_statistics(model, self.auxiliary, num_classes, self.layer_name),
-            )
+            if training is None:
+                stats = class_statistics(model, self.auxiliary, num_classes, self.layer_name)
+            else:
+                stats = trajectory_statistics(
+                    model,
+                    self.auxiliary,
+                    num_classes,
+                    training,
+                    num_images,
+                    self.seed,
+                    self.layer_name,
+                )
+            self._cached = (key, stats)
         return self._cached[1]
+
+    def statistics_for(self, shared: SharedGradients) -> ClassStatistics:
+        """The statistics that fit what was shared: one gradient, or a FedAvg update."""
+        update = shared.local_update
+        if update is None:
+            return self.statistics(shared.model, shared.num_classes)
+        return self.statistics(shared.model, shared.num_classes, update.training, shared.num_images)

@@ -6,6 +6,7 @@ import argparse
 
 from attacks.analysis import add_analysis_arguments
 from attacks.defenses import add_defense_arguments
+from attacks.local_update import add_local_training_arguments
 from attacks.reconstruction import add_reconstruction_arguments
 from attacks.stages import add_checkpoint_arguments
 from datamodules.views import VIEWS
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="auxiliary samples per class (fewer where the split has fewer)",
     )
+    add_local_training_arguments(parser)
     add_defense_arguments(parser)
     add_analysis_arguments(parser)
     add_reconstruction_arguments(parser)

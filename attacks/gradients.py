@@ -75,8 +75,10 @@ def share(
     num_images: int,
     layer_name: str | None = None,
     known_classes: torch.Tensor | None = None,
+    local_update=None,
 ) -> SharedGradients:
-    """What the server holds after the client shares ``parameter_grads``."""
+    """What the server holds after the client shares ``parameter_grads`` (under FedAvg, the
+    update as gradients, with its ``attacks.local_update.LocalUpdate``)."""
     name, layer = last_linear_layer(model, layer_name)
     prefix = f"{name}." if name else ""  # a bare nn.Linear is its own last layer
     return SharedGradients(
@@ -88,6 +90,7 @@ def share(
         parameter_grads=parameter_grads,
         known_classes=known_classes,
         model=model,
+        local_update=local_update,
     )
 
 

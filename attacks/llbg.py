@@ -22,7 +22,7 @@ from attacks.registry import register_attack
 @register_attack("LLBG")
 class LLBG(AuxiliaryAttack):
     def __call__(self, shared: SharedGradients) -> Restoration:
-        stats = self.statistics(shared.model, shared.num_classes)
+        stats = self.statistics_for(shared)
         # A class the model is certain of on every auxiliary sample would absorb labels for
         # free; its impact is floored at the float32 resolution of a probability.
         doubt = (1 - stats.confidence).clamp_min(torch.finfo(torch.float32).eps)

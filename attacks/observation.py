@@ -8,8 +8,12 @@ holds exactly that, and it is the only input an attack gets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from attacks.local_update import LocalUpdate
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,13 @@ class SharedGradients:
     whole network as the server sent it (the weights the gradient was taken
     at), for attacks that run it on the server's own data; ``None`` where only
     the last layer is at hand.
+
+    Under federated averaging (``local_update`` set) the client took several
+    local steps and shared its weight change U: every "gradient" here is
+    U / (lr x steps), the mean gradient along its trajectory, ``weight``,
+    ``bias`` and ``model`` are the starting weights the server sent, and
+    ``local_update`` holds the protocol (E, B, lr, optimizer), the step count
+    and the end weights.
     """
 
     weight_grad: torch.Tensor
@@ -35,6 +46,7 @@ class SharedGradients:
     parameter_grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     known_classes: torch.Tensor | None = None
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    local_update: LocalUpdate | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:

@@ -23,6 +23,12 @@ memorised sample then adds 1e-6 to 1e-3 of the gradient where the auxiliary
 mean says 0.05, the few least-fitted samples decide the solution, and RLU
 scores below random guessing there (README, trained stages). ``RLU+`` below
 keeps RLU's statistics and fixes what they cannot carry.
+
+Under FedAvg (``shared.local_update``) the gradient is the mean over the
+client's local steps, taken at weights the server never sees. RLU's multi-step
+extension measures the statistics along a simulated local training of the
+auxiliary data instead of at the sent weights (``statistics_for`` of the base
+class, ``attacks.auxiliary.trajectory_statistics``); LLBG and RLU+ share it.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ class RLU(AuxiliaryAttack):
     def system(self, shared: SharedGradients) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear system ``matrix k = target`` in the counts, from the auxiliary statistics."""
         num_classes, num_images = shared.num_classes, shared.num_images
-        stats = self.statistics(shared.model, num_classes)
+        stats = self.statistics_for(shared)
         bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
         blocks = [stats.probabilities.T - torch.eye(num_classes, dtype=torch.float64)]
         targets = [num_images * bias_grad]
@@ -146,7 +152,7 @@ class RLUGivenPresence(RLU):
     def spread_remaining(self, shared: SharedGradients, present: torch.Tensor) -> torch.Tensor:
         """The K - n labels beyond one per present class, as real numbers >= 0 summing to K - n."""
         num_classes, num_images = shared.num_classes, shared.num_images
-        stats = self.statistics(shared.model, num_classes)
+        stats = self.statistics_for(shared)
         count = int(present.sum())
         remaining = num_images - count
         classes = torch.nonzero(present).flatten()
@@ -194,7 +200,7 @@ class RLUGivenPresence(RLU):
     def present_classes(self, shared: SharedGradients) -> torch.Tensor:
         num_images = shared.num_images
         bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu(), nan=0.0)
-        stats = self.statistics(shared.model, shared.num_classes)
+        stats = self.statistics_for(shared)
         if stats.non_negative_embeddings:
             present = GradInversionLabels()(shared).present.cpu()
         else:

@@ -28,6 +28,13 @@ from attacks import (
 )
 from attacks.defenses import build_defense, describe_defense
 from attacks.gradients import batch_gradients, share
+from attacks.local_update import (
+    LocalTraining,
+    LocalUpdate,
+    client_update,
+    end_weights,
+    local_training_from_args,
+)
 from attacks.report import METRIC_NAMES, MethodScores, format_table
 from experiment.errors import UserError
 from experiment.logs import RESULT
@@ -98,6 +105,8 @@ class Setup:
     extensions: list[Extension] = field(default_factory=list)
     #: what results.json should say about the victim and the defense
     describe: dict = field(default_factory=dict)
+    #: FedAvg's local training on the client (``--local_epochs``); None: FedSGD, one gradient
+    local_training: LocalTraining | None = None
 
 
 def method_names(args: argparse.Namespace, auxiliary: bool = False) -> list[str]:
@@ -239,6 +248,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs"
         )
     defense = build_defense(args, args.seed)
+    local_training = local_training_from_args(args)
     num_classes, input_shape, _ = dataset_info(args.dataset)
     check_network_fits(args.model, tuple(input_shape), **network_options(args))
     device = choose_device(args.accelerator)
@@ -286,8 +296,10 @@ def prepare(args: argparse.Namespace) -> Setup:
         num_classes,
         defense=defense,
         describe=describe,
+        local_training=local_training,
     )
     setup.describe["defense"] = describe_defense(defense)
+    setup.describe["local_training"] = local_training.describe() if local_training else None
     if args.analysis:
         from attacks.analysis import ErrorAnalysis
 
@@ -342,6 +354,19 @@ def method_record(restoration) -> dict:
     return record
 
 
+def client_gradients(
+    setup: Setup, indices: torch.Tensor, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], int]:
+    """What the client shares as gradients, and its optimizer steps: one gradient of the batch
+    (FedSGD, 1 step), or its FedAvg update divided by lr x steps."""
+    args = setup.args
+    if setup.local_training is None:
+        return batch_gradients(setup.model, load_chunks(setup, indices), args.num_images), 1
+    # Local training revisits every sample each epoch: the whole batch is held at once.
+    images, labels = map(torch.cat, zip(*load_chunks(setup, indices)))
+    return client_update(setup.model, images, labels, setup.local_training, generator)
+
+
 def _raise_interrupted(signum, _frame):
     raise Interrupted(signum)
 
@@ -360,6 +385,8 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     failure = None
     stopped_by = None
     progress = _progress(args)
+    # The clients' shuffling of their local mini-batches, the same for every run of the seed.
+    client_generator = torch.Generator().manual_seed(args.seed)
     for extension in setup.extensions:
         extension.bind(run_dir, writer)
     # Installed just before the try: a signal in between would skip writing results.json.
@@ -371,13 +398,28 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(
                 setup.device
             )
-            grads = batch_gradients(setup.model, load_chunks(setup, indices), args.num_images)
+            grads, steps = client_gradients(setup, indices, client_generator)
             if setup.defense is not None:
+                # Under FedAvg on the update as gradients: a defense's parameter means the same
+                # with and without local steps.
                 grads = setup.defense(
                     grads, setup.model, lambda indices=indices: load_chunks(setup, indices)
                 )
             known = true_counts > 0 if args.simplified else None
-            shared = share(setup.model, grads, args.num_images, known_classes=known)
+            local_update = None
+            if setup.local_training is not None:
+                local_update = LocalUpdate(
+                    setup.local_training,
+                    steps,
+                    end_weights(setup.model, grads, setup.local_training, steps),
+                )
+            shared = share(
+                setup.model,
+                grads,
+                args.num_images,
+                known_classes=known,
+                local_update=local_update,
+            )
             record = {"true_counts": true_counts.tolist(), "methods": {}}
             if not all(
                 bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)

@@ -483,6 +483,7 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
             "num_classes": setup.num_classes,
         },
         "model": setup.args.model,
+        "local_training": setup.describe.get("local_training"),
         "config": vars(args),
         "results": done,
     }

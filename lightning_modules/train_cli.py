@@ -11,6 +11,7 @@ from experiment.options import (
     add_network_arguments,
     add_partition_arguments,
     non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
 )
@@ -45,13 +46,6 @@ def devices_option(text: str) -> int | str:
     if all(part.strip().isdigit() for part in ids if part.strip()) and any(p.strip() for p in ids):
         return text
     raise argparse.ArgumentTypeError(f"expected auto, a count or ids like 0,1; got {text!r}")
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,9 +104,11 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
         "methods",
         "data",
         "model",
+        "local_training",
         "config",
         "results",
     }
+    assert summary["local_training"] is None  # FedSGD: one gradient per batch
     assert summary["status"] == "complete" and summary["unit"] == "iteration"
     assert summary["stages"] == list(STAGES) and summary["pending"] == []
     assert summary["methods"] == COMPARED_METHODS

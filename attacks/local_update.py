@@ -1,0 +1,217 @@
+"""The client's side under federated averaging: several local SGD steps, then the weight change.
+
+FedSGD (``attacks.gradients``) shares one gradient of one batch. FedAvg, what
+federated learning mostly runs, lets the client take E epochs of mini-batch SGD
+over its K samples and send only U = W_start - W_end. The server knows E, the
+mini-batch size B, the learning rate and K (it set them), never the labels.
+
+The attacks keep their one input: the shared "gradient" of every parameter is
+U / (lr x steps), the mean gradient along the local trajectory (exactly so for
+plain SGD), with the starting weights as the model. For the last layer's bias,
+with B dividing K, K times it is the trajectory mean of sum_n (p_n - y_n): the
+equation ``K grad_b = S - k`` the count attacks solve still holds, with S the
+batch's softmax sum averaged over the steps instead of taken at the start.
+
+Two choices, both so that E = 1 with B = K gives back the FedSGD gradient:
+
+- the client trains a float64 copy of the model. In float32, U / (lr x steps)
+  carries the rounding of the weights (eps |W| / lr, about 1e-4 of a gradient
+  entry at lr = 0.01), which would bury what the gradient-precision tests of
+  RLG and RLU+ look for; a real float32 client adds that noise on top of what
+  is measured here.
+- the model runs in the mode the server sent it in, as ``batch_gradients``
+  does (attack.py's victims are in eval mode: dropout off, batch norm on its
+  running statistics), so the only difference from FedSGD is the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from attacks.gradients import embed_and_forward
+from experiment.errors import UserError
+
+#: the client's local optimizers; "momentum" is heavy-ball SGD with the usual coefficient
+LOCAL_OPTIMIZERS = ("sgd", "momentum")
+MOMENTUM = 0.9
+#: the default local learning rate: the issue's 0.01 (the RLU paper's value was not at hand)
+DEFAULT_LOCAL_LR = 0.01
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """The local-training protocol the server sets: E epochs of mini-batches of B at lr."""
+
+    epochs: int
+    #: None: all K samples in one batch; a B above K also means one batch
+    batch_size: int | None
+    lr: float
+    optimizer: str = "sgd"
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise UserError(f"local training needs >= 1 epoch, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"the local batch size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"the local learning rate must be a finite number > 0, got {self.lr}")
+        if self.optimizer not in LOCAL_OPTIMIZERS:
+            raise UserError(
+                f"unknown local optimizer {self.optimizer!r}; valid: {', '.join(LOCAL_OPTIMIZERS)}"
+            )
+
+    def batch_for(self, num_samples: int) -> int:
+        return min(self.batch_size or num_samples, num_samples)
+
+    def steps(self, num_samples: int) -> int:
+        """Optimizer steps over ``num_samples`` samples: E x ceil(K / B)."""
+        return self.epochs * math.ceil(num_samples / self.batch_for(num_samples))
+
+    def describe(self) -> dict:
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+        }
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What the server knows of a FedAvg update besides its "gradient": protocol, steps, end weights."""
+
+    training: LocalTraining
+    steps: int
+    #: the client's weights after the local steps, by parameter name (start - lr x steps x gradient)
+    end_state: dict[str, torch.Tensor] = field(repr=False, compare=False)
+
+
+def local_training_from_args(args: argparse.Namespace) -> LocalTraining | None:
+    """The ``--local_*`` options as a protocol; None for FedSGD (``--local_epochs 0``)."""
+    if args.local_epochs == 0:
+        stray = [
+            f"--{name}"
+            for name, default in (
+                ("local_batch_size", None),
+                ("local_lr", DEFAULT_LOCAL_LR),
+                ("local_optimizer", "sgd"),
+            )
+            if getattr(args, name) != default
+        ]
+        if stray:
+            raise UserError(f"{', '.join(stray)} set local training; add --local_epochs E >= 1")
+        return None
+    return LocalTraining(
+        args.local_epochs, args.local_batch_size, args.local_lr, args.local_optimizer
+    )
+
+
+def add_local_training_arguments(parser: argparse.ArgumentParser) -> None:
+    from experiment.options import non_negative_int, positive_float, positive_int
+
+    group = parser.add_argument_group(
+        "federated averaging (the client trains locally and shares its weight change)"
+    )
+    group.add_argument(
+        "--local_epochs",
+        type=non_negative_int,
+        default=0,
+        help="local epochs E over the K images; 0 = FedSGD, one gradient of the batch",
+    )
+    group.add_argument(
+        "--local_batch_size",
+        type=positive_int,
+        default=None,
+        help="local mini-batch size B (default and any B >= K: the whole batch)",
+    )
+    group.add_argument(
+        "--local_lr", type=positive_float, default=DEFAULT_LOCAL_LR, help="local learning rate"
+    )
+    group.add_argument(
+        "--local_optimizer",
+        choices=LOCAL_OPTIMIZERS,
+        default="sgd",
+        help=f"local optimizer: plain SGD or SGD with momentum {MOMENTUM}",
+    )
+
+
+#: called after each local step's forward pass: (batch indices, embeddings, logits), detached
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def train_locally(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    training: LocalTraining,
+    generator: torch.Generator,
+    observe: Observer | None = None,
+    layer_name: str | None = None,
+) -> int:
+    """E epochs of mini-batch SGD on ``model`` in place (mean cross-entropy per mini-batch).
+
+    Each epoch visits the samples in a fresh order drawn from ``generator``.
+    Returns the number of optimizer steps taken, E x ceil(K / B).
+    """
+    momentum = MOMENTUM if training.optimizer == "momentum" else 0.0
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=training.lr, momentum=momentum)
+    batch = training.batch_for(labels.numel())
+    steps = 0
+    for _ in range(training.epochs):
+        order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
+        for indices in order.split(batch):
+            embeddings, logits = embed_and_forward(model, images[indices], layer_name)
+            loss = nn.functional.cross_entropy(logits, labels[indices])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if observe is not None:
+                observe(indices, embeddings.detach(), logits.detach())
+    return steps
+
+
+def local_copy(model: nn.Module) -> nn.Module:
+    """The model a client (or the server playing one) trains: a float64 copy, in the sent mode."""
+    return copy.deepcopy(model).double()
+
+
+def client_update(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    training: LocalTraining,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The shared "gradients" U / (lr x steps) of every trainable parameter, and the step count.
+
+    ``model`` (what the server sent) is left as it is; a float64 copy trains.
+    """
+    local = local_copy(model)
+    start = {name: p.detach().double() for name, p in model.named_parameters() if p.requires_grad}
+    steps = train_locally(local, images.double(), labels, training, generator)
+    trained = dict(local.named_parameters())
+    scale = training.lr * steps
+    sent = dict(model.named_parameters())
+    grads = {
+        name: ((weights - trained[name].detach()) / scale).to(sent[name].dtype)
+        for name, weights in start.items()
+    }
+    return grads, steps
+
+
+def end_weights(
+    model: nn.Module, grads: dict[str, torch.Tensor], training: LocalTraining, steps: int
+) -> dict[str, torch.Tensor]:
+    """W_end = W_start - lr x steps x shared gradient: the end weights the shared update implies
+    (after a defense, the defended update's)."""
+    sent = dict(model.named_parameters())
+    return {name: sent[name].detach() - training.lr * steps * grad for name, grad in grads.items()}
