@@ -22,13 +22,15 @@ def trained_fcn(tmp_path_factory, shared_data):
 
 
 @pytest.mark.slow
-def test_auxiliary_attacks_on_a_trained_checkpoint(trained_fcn, shared_data, tmp_path, capsys):
+def test_auxiliary_attacks_and_decompose_on_a_trained_checkpoint(
+    trained_fcn, shared_data, tmp_path, capsys
+):
     code, results, err = attack_in_process(
         tmp_path,
         capsys,
         *("--checkpoint", str(trained_fcn), "--data_root", str(shared_data)),
         *("--split", "fit_train", "--num_images", "8", "--num_tries", "20"),
-        *("--attacks", "iLRG", "RLU", "LLBG", "RLU+", "zeros", "--no-compare"),
+        *("--attacks", "iLRG", "decompose", "RLU", "LLBG", "RLU+", "zeros", "--no-compare"),
     )
     assert code == 0, err
     # The batches come from the 9000 images the model trained on; the auxiliary samples,
@@ -39,7 +41,7 @@ def test_auxiliary_attacks_on_a_trained_checkpoint(trained_fcn, shared_data, tmp
         "samples": 100,
         "fewest_of_a_class": 10,
     }
-    assert list(results["summary"]) == ["iLRG", "RLU", "LLBG", "RLU+", "zeros"]
+    assert list(results["summary"]) == ["iLRG", "decompose", "RLU", "LLBG", "RLU+", "zeros"]
     summary = results["summary"]
     for method in summary:
         assert set(summary[method]) == {"LeAcc", "LnAcc", "LnAcc+", "IRec", "Exact"}
@@ -49,6 +51,12 @@ def test_auxiliary_attacks_on_a_trained_checkpoint(trained_fcn, shared_data, tmp
     assert summary["zeros"]["LnAcc"] == pytest.approx(absent)
     assert summary["RLU+"]["IRec"] >= summary["iLRG"]["IRec"] + 0.2
     assert summary["RLU+"]["LeAcc"] >= 0.9
+    # decompose, without auxiliary data, tells the samples apart (measured: IRec 1.0 and
+    # Exact 1.0 against iLRG's 0.5 and 0).
+    assert summary["decompose"]["IRec"] >= summary["iLRG"]["IRec"] + 0.3
+    assert summary["decompose"]["Exact"] >= 0.8
+    separated = [t["methods"]["decompose"]["separated"] for t in results["tries"]]
+    assert sum(separated) >= 0.9 * 8 * 20
 
 
 def write_idx_split(raw, stem_images, stem_labels, labels):

@@ -72,7 +72,7 @@ def test_training_is_the_same_with_and_without_the_callback(tmp_path):
     # The auxiliary attacks run the model (dropout 0.5) on the server's data at every step.
     auxiliary = labelled_data(num_samples=40, noise=0.3, seed=1)
     callback = LabelLeakageCallback(
-        attacks=("iLRG", "random", "iDLG", "LLG", "RLU", "RLU+"),
+        attacks=("iLRG", "decompose", "random", "iDLG", "LLG", "RLU", "RLU+"),
         auxiliary=loader(auxiliary, batch_size=16),
     )
     with_callback, rng_with = train(callback)
@@ -291,3 +291,18 @@ def test_ddp_attacks_the_global_batch_once(tmp_path):
         assert logged[f"leakage_epoch/iLRG/{metric}"] == [(4, 1.0)]
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
     assert all(not math.isnan(value) for values in logged.values() for _, value in values)
+
+
+def test_decompose_in_the_callback_tells_the_training_batch_apart(tmp_path):
+    # K = 8 < C = 10, 64 ReLU units and inputs that differ (each sample its own pattern of
+    # active units): the classifier's own gradient separates every sample of the real
+    # training step.
+    pl.seed_everything(0, verbose=False)
+    callback = LabelLeakageCallback(attacks=("decompose",))
+    data = labelled_data(num_samples=48, noise=3.0)
+    fit(callback, tmp_path, model=TinyClassifier(dim=64), data=data, batch_size=8, max_steps=3)
+    result = callback.last_result
+    restoration = result.restorations["decompose"]
+    assert result.step == 2 and restoration.separated == 8
+    assert torch.equal(restoration.counts.cpu(), result.true_counts)
+    assert result.values["leakage/decompose/Exact"] == 1.0
