@@ -119,6 +119,29 @@ def trained_stages(settings) -> list[Result]:
                 repeats=tries,
             )
         )
+    # Issue 12's targets for decompose (the per-sample attack, no auxiliary data).
+    for victim, num_images, label, irec_bound, exact_bound in (
+        ("fcn3_mnist", 8, "Iter1000", 0.9, 0.5),
+        ("fcn3_mnist", 24, "Iter1000", 0.8, None),
+        ("lenet5_cifar100", 24, "Epoch40", 0.9, None),
+    ):
+        record = next(r for r in sweeps[victim, num_images]["results"] if r["label"] == label)
+        summary = record["summary"]["decompose"]
+        irec, exact = summary["IRec"], summary["Exact"]
+        passed = irec >= irec_bound and (exact_bound is None or exact >= exact_bound)
+        target = f"IRec >= {irec_bound}" + (f", Exact >= {exact_bound}" if exact_bound else "")
+        results.append(
+            Result(
+                f"trained_decompose_{victim}_k{num_images}",
+                f"decompose, {victim} at {label}, K = {num_images}",
+                "IRec",
+                value=irec,
+                value_text=f"IRec {irec:.3f}, Exact {exact:.3f}",
+                target=target,
+                passed=passed,
+                repeats=tries,
+            )
+        )
     record = next(r for r in sweeps["fcn3_mnist", 8]["results"] if r["label"] == "Iter1000")
     rlg = record["summary"]["RLG"]["LeAcc"]
     results.append(
