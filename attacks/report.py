@@ -64,7 +64,11 @@ class MethodScores:
 
 
 def format_table(scores: dict[str, MethodScores]) -> str:
-    header = f"{'method':<8}" + "".join(f"{m:>17}" for m in METRIC_NAMES) + f"{'time/try':>12}"
+    # The method column as wide as its longest name ("decompose"), so the numbers line up.
+    width = max(len("method"), *(len(name) for name in scores)) + 2
+    header = (
+        f"{'method':<{width}}" + "".join(f"{m:>17}" for m in METRIC_NAMES) + f"{'time/try':>12}"
+    )
     lines = [header, "-" * len(header)]
     for method, score in scores.items():
         means, spreads = score.summary(), score.spread()
@@ -76,5 +80,5 @@ def format_table(scores: dict[str, MethodScores]) -> str:
                 cells.append(f"{'-':>17}")
         seconds = sum(score.seconds) / max(len(score.seconds), 1)
         time_text = f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
-        lines.append(f"{method:<8}" + "".join(f"{c:>17}" for c in cells) + f"{time_text:>12}")
+        lines.append(f"{method:<{width}}" + "".join(f"{c:>17}" for c in cells) + f"{time_text:>12}")
     return "\n".join(lines)

@@ -392,6 +392,15 @@ def test_scores_without_tries_are_undefined_without_warnings():
         format_table(scores)
 
 
+def test_the_table_lines_up_with_a_long_method_name():
+    from attacks.report import MethodScores, format_table
+
+    scores = {name: MethodScores(restores_counts=True) for name in ("iLRG", "decompose")}
+    header, rule, *rows = format_table(scores).splitlines()
+    assert len(rule) == len(header) and all(len(row) == len(header) for row in rows)
+    assert rows[1].startswith("decompose  ") and header.startswith("method     ")
+
+
 # --- 10. each stage's validation accuracy, from its checkpoint, in stages.json -----------------
 
 
