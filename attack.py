@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from attacks.cli import build_parser
+    from experiment.cli import build_parser
     from experiment.options import parse_args
 
     parser = build_parser()
     args = parse_args(parser, argv)
-    from attacks import runner, stages
+    from experiment import runner, stages, victims
     from experiment.errors import UserError
     from experiment.logs import open_run
     from experiment.runs import check_output_dir, check_output_file
@@ -37,7 +37,7 @@ def _main(argv: list[str] | None) -> int:
         check_output_dir(Path(args.log_dir) / args.exp_name, "--log_dir")
         if args.results:
             check_output_file(args.results, "--results")
-        stages.check_given_options(sys.argv[1:] if argv is None else argv, args)
+        victims.check_given_options(sys.argv[1:] if argv is None else argv, args)
         setup = stages.prepare_sweep(args) if args.checkpoints else runner.prepare(args)
     except UserError as err:
         print(f"attack.py: error: {err}", file=sys.stderr)

@@ -383,7 +383,7 @@ def test_scores_without_tries_are_undefined_without_warnings():
     import math
     import warnings
 
-    from attacks.report import MethodScores, format_table
+    from experiment.report import MethodScores, format_table
 
     scores = {"iLRG": MethodScores(restores_counts=True)}
     with warnings.catch_warnings():

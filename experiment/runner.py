@@ -12,7 +12,7 @@ import argparse
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,18 +26,19 @@ from attacks import (
     build_attack,
     check_attack_name,
 )
-from attacks.defenses import build_defense, describe_defense
+from attacks.defenses import describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.local_update import (
     LocalTraining,
     LocalUpdate,
     client_update,
     end_weights,
-    local_training_from_args,
 )
-from attacks.report import METRIC_NAMES, MethodScores, format_table
+from experiment.client_options import build_defense, local_training_from_args
 from experiment.errors import UserError
+from experiment.extension import Extension, TryContext
 from experiment.logs import RESULT
+from experiment.report import METRIC_NAMES, MethodScores, format_table
 from experiment.runs import write_json_atomic
 
 log = logging.getLogger("attack")
@@ -53,42 +54,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
-
-
-@dataclass
-class TryContext:
-    """Everything one try produced, for the extensions (analysis, reconstruction) to look at.
-
-    ``labels`` and ``true_counts`` are the client's secrets: extensions use them
-    only to score, never to attack.
-    """
-
-    index: int
-    indices: torch.Tensor
-    labels: torch.Tensor
-    true_counts: torch.Tensor
-    grads: dict[str, torch.Tensor]
-    shared: object
-    restorations: dict[str, object]
-    load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-
-
-class Extension:
-    """A per-try add-on to the experiment. ``key`` names its part of results.json."""
-
-    key = "extension"
-
-    def bind(self, run_dir: Path, writer=None) -> None:
-        """Called once before the first try with the run folder and the TensorBoard writer."""
-
-    def on_try(self, ctx: TryContext) -> dict | None:
-        return None
-
-    def summary(self) -> dict:
-        return {}
-
-    def table(self) -> str | None:
-        return None
 
 
 @dataclass
@@ -233,11 +198,11 @@ def build_victim(args: argparse.Namespace, num_classes: int, input_shape) -> tor
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Check everything and load data and model; raises ``UserError`` and writes nothing."""
-    from attacks.stages import resolve_victim
     from datamodules import build_datamodule, dataset_info
     from datamodules.base import SPLITS
     from datamodules.composition import check_composition
     from datamodules.views import data_view
+    from experiment.victims import resolve_victim
     from lightning_modules.networks import check_network_fits
 
     # A trained victim brings its own dataset, model and network options.
@@ -301,16 +266,16 @@ def prepare(args: argparse.Namespace) -> Setup:
     setup.describe["defense"] = describe_defense(defense)
     setup.describe["local_training"] = local_training.describe() if local_training else None
     if args.analysis:
-        from attacks.analysis import ErrorAnalysis
+        from experiment.analysis import ErrorAnalysis
 
         setup.extensions.append(ErrorAnalysis(model, alpha=args.alpha, ratio=args.ratio))
     if args.distribution.startswith("custom_"):
-        from attacks.analysis import CustomClassCounts
         from datamodules.composition import CUSTOM_CLASSES
+        from experiment.analysis import CustomClassCounts
 
         setup.extensions.append(CustomClassCounts(CUSTOM_CLASSES))
     if args.rec_img:
-        from attacks.reconstruction import Reconstruction
+        from experiment.reconstruction import Reconstruction
 
         setup.extensions.append(Reconstruction.from_setup(setup))
     return setup

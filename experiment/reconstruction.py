@@ -23,7 +23,7 @@ from attacks.reconstruction.inverting import (
     box_bounds,
     reconstruct,
 )
-from attacks.runner import Extension, TryContext
+from experiment.extension import Extension, TryContext
 from experiment.options import non_negative_float, positive_float, positive_int
 
 log = logging.getLogger("attack")
