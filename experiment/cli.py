@@ -7,12 +7,14 @@ import argparse
 from datamodules.views import VIEWS
 from experiment.analysis import add_analysis_arguments
 from experiment.client_options import add_defense_arguments, add_local_training_arguments
+from experiment.config import AttackConfig
 from experiment.options import (
     OneLineParser,
     add_config_argument,
     add_data_source_arguments,
     add_network_arguments,
     add_partition_arguments,
+    load_config,
     non_negative_float,
     positive_float,
     positive_int,
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             "attacks. With no arguments: FCN-3 on the offline synthetic MNIST, 24 images, 50 tries, --compare."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        config_type=AttackConfig,
     )
     add_config_argument(parser)
 
@@ -143,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_arguments(parser)
     add_reconstruction_arguments(parser)
     return parser
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The options set on the command line ``argv`` or in its ``--config`` file."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    # parse_known_args, unlike parse_args, keeps the Namespace: only the names set are wanted
+    given = vars(parser.parse_known_args(argv)[0])
+    config = given.pop("config", None)
+    return set(given) | (set(load_config(build_parser(), config)) if config else set())
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import argparse
 
 from attacks.defenses import DEFENSES, Defense
 from attacks.local_update import DEFAULT_LOCAL_LR, LOCAL_OPTIMIZERS, MOMENTUM, LocalTraining
+from experiment.config import AttackConfig
 from experiment.errors import UserError
 from experiment.options import (
     non_negative_float,
@@ -20,9 +21,9 @@ from experiment.options import (
 )
 
 
-def local_training_from_args(args: argparse.Namespace) -> LocalTraining | None:
+def local_training_from_args(config: AttackConfig) -> LocalTraining | None:
     """The ``--local_*`` options as a protocol; None for FedSGD (``--local_epochs 0``)."""
-    if args.local_epochs == 0:
+    if config.local_epochs == 0:
         stray = [
             f"--{name}"
             for name, default in (
@@ -30,13 +31,13 @@ def local_training_from_args(args: argparse.Namespace) -> LocalTraining | None:
                 ("local_lr", DEFAULT_LOCAL_LR),
                 ("local_optimizer", "sgd"),
             )
-            if getattr(args, name) != default
+            if getattr(config, name) != default
         ]
         if stray:
             raise UserError(f"{', '.join(stray)} set local training; add --local_epochs E >= 1")
         return None
     return LocalTraining(
-        args.local_epochs, args.local_batch_size, args.local_lr, args.local_optimizer
+        config.local_epochs, config.local_batch_size, config.local_lr, config.local_optimizer
     )
 
 
@@ -67,18 +68,18 @@ def add_local_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_defense(args: argparse.Namespace, seed: int) -> Defense | None:
+def build_defense(config: AttackConfig, seed: int) -> Defense | None:
     """The defense the options ask for, or None; raises ``UserError`` on an incomplete request."""
-    if not args.defense:
-        if args.defense_method is not None:
+    if not config.defense:
+        if config.defense_method is not None:
             raise UserError(
-                f"--defense_method {args.defense_method} needs --defense to take effect"
+                f"--defense_method {config.defense_method} needs --defense to take effect"
             )
         return None
-    if args.defense_method is None:
+    if config.defense_method is None:
         raise UserError(f"--defense needs --defense_method; valid methods: {', '.join(DEFENSES)}")
-    method = DEFENSES[args.defense_method]
-    return Defense(method, getattr(args, method.parameter), seed)
+    method = DEFENSES[config.defense_method]
+    return Defense(method, getattr(config, method.parameter), seed)
 
 
 def add_defense_arguments(parser: argparse.ArgumentParser) -> None:

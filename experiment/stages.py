@@ -7,7 +7,7 @@ then writes one table, ``stages.json``, ``stages.png`` and the TensorBoard scala
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import glob
 import logging
 import math
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiment import runner
+from experiment.config import AttackConfig
 from experiment.errors import CheckpointError
 from experiment.logs import RESULT
 from experiment.runs import write_json_atomic
@@ -44,7 +45,7 @@ class Stage:
 class Sweep:
     """The stages to attack and the first stage's setup (which checked data and options)."""
 
-    args: argparse.Namespace
+    config: AttackConfig
     stages: list[Stage]
     first: object
 
@@ -100,17 +101,17 @@ def find_stages(pattern: str) -> list[Stage]:
     return stages
 
 
-def stage_args(args: argparse.Namespace, stage: Stage) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "checkpoint": str(stage.path), "results": None})
+def stage_args(config: AttackConfig, stage: Stage) -> AttackConfig:
+    return dataclasses.replace(config, checkpoint=str(stage.path), results=None)
 
 
-def prepare_sweep(args: argparse.Namespace) -> Sweep:
+def prepare_sweep(config: AttackConfig) -> Sweep:
     """Check every stage, the data and the options; raises UserError and writes nothing."""
-    if not glob.glob(args.checkpoints, recursive=True):
-        raise missing_stages(args)
-    stages = find_stages(args.checkpoints)
-    first = runner.prepare(stage_args(args, stages[0]))
-    return Sweep(args, stages, first)
+    if not glob.glob(config.checkpoints, recursive=True):
+        raise missing_stages(config)
+    stages = find_stages(config.checkpoints)
+    first = runner.prepare(stage_args(config, stages[0]))
+    return Sweep(config, stages, first)
 
 
 def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
@@ -121,7 +122,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
             setup = (
                 sweep.first
                 if stage is sweep.stages[0]
-                else runner.prepare(stage_args(sweep.args, stage))
+                else runner.prepare(stage_args(sweep.config, stage))
             )
             log.info("stage %s: %s", stage.label, stage.path)
             results = runner.run(setup, run_dir / stage.label, writer=None)
@@ -151,7 +152,7 @@ def stage_record(stage: Stage, results: dict, run_dir: Path) -> dict:
 
 
 def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> dict:
-    args = sweep.args
+    config = sweep.config
     setup = sweep.first
     summary = {
         "status": status,
@@ -160,18 +161,18 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
         "pending": [stage.value for stage in sweep.stages[len(done) :]],
         "methods": list(setup.attacks),
         "data": {
-            "dataset": setup.args.dataset,
+            "dataset": setup.config.dataset,
             "synthetic": bool(setup.datamodule.is_synthetic),
             "num_classes": setup.num_classes,
         },
-        "model": setup.args.model,
+        "model": setup.config.model,
         "local_training": setup.describe.get("local_training"),
-        "config": vars(args),
+        "config": config.as_dict(),
         "results": done,
     }
     write_json_atomic(run_dir / "stages.json", summary)
-    if args.results:
-        write_json_atomic(args.results, summary)
+    if config.results:
+        write_json_atomic(config.results, summary)
     if done:
         log.info("\n%s", format_stage_table(summary), extra=RESULT)
         plot_stages(summary, run_dir / "stages.png")

@@ -9,7 +9,6 @@ network and its options come from the checkpoint; an option set on the command l
 
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import re
@@ -17,6 +16,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiment.config import AttackConfig
 from experiment.errors import CheckpointError, UserError
 from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_MODEL_PATH
 
@@ -84,32 +84,32 @@ class TrainedVictim:
         }
 
 
-def stage_path(args: argparse.Namespace) -> Path:
+def stage_path(config: AttackConfig) -> Path:
     """The checkpoint ``--trained_model`` asks for."""
     from lightning_modules.checkpoints import stage_checkpoint_name
 
-    unit, n = ("iteration", args.iters) if args.iter_train else ("epoch", args.epochs)
-    return Path(args.model_path) / stage_checkpoint_name(args.model, args.dataset, unit, n)
+    unit, n = ("iteration", config.iters) if config.iter_train else ("epoch", config.epochs)
+    return Path(config.model_path) / stage_checkpoint_name(config.model, config.dataset, unit, n)
 
 
 def train_command(
-    args: argparse.Namespace, model: str, dataset: str, unit: str, n: int, model_path
+    config: AttackConfig, model: str, dataset: str, unit: str, n: int, model_path
 ) -> str:
     """The ``train.py`` command that saves the checkpoint of (model, dataset, stage) in ``model_path``."""
-    defaults = _parser_defaults()
+    defaults = AttackConfig().as_dict()
     words = ["python", "train.py", "--dataset", dataset, "--model", model]
     for option in CHECKPOINT_OPTIONS[2:]:
-        value = getattr(args, option)
+        value = getattr(config, option)
         if value != defaults[option]:
             words += [f"--{option}"] if value is True else [f"--{option}", str(value)]
     words += ["--iter_train", "--iters", str(n)] if unit == "iteration" else ["--epochs", str(n)]
     if str(model_path) != DEFAULT_MODEL_PATH:
         words += ["--model_path", str(model_path)]
-    if args.data_root != defaults["data_root"]:
-        words += ["--data_root", str(args.data_root)]
-    if args.imagenet_dir is not None:
-        words += ["--imagenet_dir", str(args.imagenet_dir)]
-    only = only_split_on_disk(args, dataset)
+    if config.data_root != defaults["data_root"]:
+        words += ["--data_root", str(config.data_root)]
+    if config.imagenet_dir is not None:
+        words += ["--imagenet_dir", str(config.imagenet_dir)]
+    only = only_split_on_disk(config, dataset)
     if only is not None:
         # train.py trains on train and validates on val; with one split at hand it must
         # partition that one, or the command printed here would fail as printed.
@@ -117,7 +117,7 @@ def train_command(
     return shlex.join(words)
 
 
-def only_split_on_disk(args: argparse.Namespace, dataset: str) -> str | None:
+def only_split_on_disk(config: AttackConfig, dataset: str) -> str | None:
     """The one split of ``dataset`` whose files are at hand, or None (both, neither, synthetic)."""
     from datamodules import build_datamodule, dataset_info
 
@@ -125,7 +125,7 @@ def only_split_on_disk(args: argparse.Namespace, dataset: str) -> str | None:
         if dataset_info(dataset)[2]:
             return None
         datamodule = build_datamodule(
-            dataset, data_root=args.data_root, imagenet_dir=args.imagenet_dir, download=False
+            dataset, data_root=config.data_root, imagenet_dir=config.imagenet_dir, download=False
         )
     except UserError:
         return None
@@ -133,7 +133,7 @@ def only_split_on_disk(args: argparse.Namespace, dataset: str) -> str | None:
     return present[0] if len(present) == 1 else None
 
 
-def missing_checkpoint(args: argparse.Namespace, path: Path) -> CheckpointError:
+def missing_checkpoint(config: AttackConfig, path: Path) -> CheckpointError:
     from lightning_modules.checkpoints import STAGE_PATTERN
     from lightning_modules.networks import NETWORKS
 
@@ -143,48 +143,50 @@ def missing_checkpoint(args: argparse.Namespace, path: Path) -> CheckpointError:
         model, _, dataset = path.name[: match.start()].partition("_")
         if model in NETWORKS and dataset:
             unit = "epoch" if match["unit"] == "Epoch" else "iteration"
-            command = train_command(args, model, dataset, unit, int(match["n"]), path.parent)
+            command = train_command(config, model, dataset, unit, int(match["n"]), path.parent)
             message += f"; make it with: {command}"
     return CheckpointError(message)
 
 
-def missing_stages(args: argparse.Namespace) -> CheckpointError:
+def missing_stages(config: AttackConfig) -> CheckpointError:
     """No checkpoint matches ``--checkpoints``; where the pattern names a run, the command that saves it."""
     from lightning_modules.networks import NETWORKS
 
-    message = f"no checkpoint matches {args.checkpoints}"
-    pattern = Path(args.checkpoints)
+    message = f"no checkpoint matches {config.checkpoints}"
+    pattern = Path(config.checkpoints)
     match = RUN_PATTERN.fullmatch(pattern.name)
     if match and match["model"] in NETWORKS and "*" not in pattern.parent.as_posix():
         unit, n = (
             ("epoch", DEFAULT_EPOCHS) if match["unit"] == "Epoch" else ("iteration", DEFAULT_ITERS)
         )
-        command = train_command(args, match["model"], match["dataset"], unit, n, pattern.parent)
+        command = train_command(config, match["model"], match["dataset"], unit, n, pattern.parent)
         message += f"; make the stages with: {command} --mid_save"
     return CheckpointError(message)
 
 
-def resolve_victim(args: argparse.Namespace) -> tuple[argparse.Namespace, TrainedVictim | None]:
+def resolve_victim(config: AttackConfig) -> tuple[AttackConfig, TrainedVictim | None]:
     """The options to attack with and the trained victim, if one is asked for.
 
-    Returns a new namespace in which the checkpoint's dataset, model and network
-    options replace the defaults; ``args`` itself is left as it is.
+    Returns a new configuration in which the checkpoint's dataset, model and network
+    options replace the defaults; ``config`` itself is left as it is.
     """
-    defaults = _parser_defaults()
-    if not args.trained_model and (
-        args.iter_train or args.epochs != defaults["epochs"] or args.iters != defaults["iters"]
+    defaults = AttackConfig().as_dict()
+    if not config.trained_model and (
+        config.iter_train
+        or config.epochs != defaults["epochs"]
+        or config.iters != defaults["iters"]
     ):
         raise UserError(
             "--epochs, --iters and --iter_train choose the stage of --trained_model; add --trained_model"
         )
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-    elif args.trained_model:
-        path = stage_path(args)
+    if config.checkpoint:
+        path = Path(config.checkpoint)
+    elif config.trained_model:
+        path = stage_path(config)
     else:
-        return args, None
+        return config, None
     if not path.is_file():
-        raise missing_checkpoint(args, path)
+        raise missing_checkpoint(config, path)
     from lightning_modules.checkpoints import (
         checkpoint_stage,
         classifier_from_checkpoint,
@@ -193,30 +195,30 @@ def resolve_victim(args: argparse.Namespace) -> tuple[argparse.Namespace, Traine
 
     checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint["hyper_parameters"])
-    adopted = adopt_options(args, hparams, path)
+    adopted = adopt_options(config, hparams, path)
     classifier = classifier_from_checkpoint(checkpoint, path)
     unit, n = checkpoint_stage(path, checkpoint)
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     return adopted, TrainedVictim(path, unit, n, classifier.network, hparams, data_hparams)
 
 
-def adopt_options(args: argparse.Namespace, hparams: dict, path) -> argparse.Namespace:
-    """``args`` with the checkpoint's network options; UserError where a set option disagrees.
+def adopt_options(config: AttackConfig, hparams: dict, path) -> AttackConfig:
+    """``config`` with the checkpoint's network options; UserError where a set option disagrees.
 
     Here an option counts as set when it differs from attack.py's default;
     :func:`check_given_options` also catches a default value typed out on the command line.
     """
     from datamodules import dataset_info
 
-    defaults = _parser_defaults()
-    adopted = dict(vars(args))
+    defaults = AttackConfig().as_dict()
+    adopted = dict(vars(config))
     for option in CHECKPOINT_OPTIONS:
         if option not in hparams:
             raise CheckpointError(
                 f"checkpoint {path} does not record {option!r}; it was not saved by train.py"
             )
-        if getattr(args, option) != defaults[option]:
-            check_agrees(option, getattr(args, option), hparams, path)
+        if getattr(config, option) != defaults[option]:
+            check_agrees(option, getattr(config, option), hparams, path)
         adopted[option] = hparams[option]
     num_classes, input_shape, _ = dataset_info(adopted["dataset"])
     if hparams.get("num_classes") != num_classes or list(hparams.get("input_shape", [])) != list(
@@ -226,7 +228,7 @@ def adopt_options(args: argparse.Namespace, hparams: dict, path) -> argparse.Nam
             f"checkpoint {path} has {hparams.get('num_classes')} classes of shape {hparams.get('input_shape')}, "
             f"but {adopted['dataset']} has {num_classes} of shape {list(input_shape)}"
         )
-    return argparse.Namespace(**adopted)
+    return AttackConfig(**adopted)
 
 
 def check_agrees(option: str, given, hparams: dict, path) -> None:
@@ -238,51 +240,30 @@ def check_agrees(option: str, given, hparams: dict, path) -> None:
         )
 
 
-def given_options(argv: list[str]) -> set[str]:
-    """The options set on the command line ``argv`` or in its ``--config`` file."""
-    from experiment.cli import build_parser
-    from experiment.options import load_config
-
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_known_args(argv)[0])
-    config = given.pop("config", None)
-    return set(given) | (set(load_config(build_parser(), config)) if config else set())
-
-
-def check_given_options(argv: list[str], args: argparse.Namespace) -> None:
-    """UserError where an option on the command line (or in --config) contradicts the checkpoint asked for.
+def check_given_options(given: set[str], config: AttackConfig) -> None:
+    """UserError where an option ``given`` on the command line (or in --config) contradicts the checkpoint asked for.
 
     Checked before :func:`resolve_victim` adopts the checkpoint's options, because
     there an option typed out with its default value looks the same as one left out.
     """
     from lightning_modules.checkpoints import read_checkpoint
 
-    if args.checkpoints:
-        matches = sorted(glob.glob(args.checkpoints, recursive=True))
+    if config.checkpoints:
+        matches = sorted(glob.glob(config.checkpoints, recursive=True))
         path = Path(matches[0]) if matches else None
-    elif args.checkpoint:
-        path = Path(args.checkpoint)
-    elif args.trained_model:
-        path = stage_path(args)
+    elif config.checkpoint:
+        path = Path(config.checkpoint)
+    elif config.trained_model:
+        path = stage_path(config)
     else:
         return
     if path is None or not path.is_file():
         return  # preparing the run says what is missing
     hparams = read_checkpoint(path)["hyper_parameters"]
-    given = given_options(argv)
     for option in CHECKPOINT_OPTIONS:
         if option in given:
-            check_agrees(option, getattr(args, option), hparams, path)
+            check_agrees(option, getattr(config, option), hparams, path)
 
 
 def _plain(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _parser_defaults() -> dict:
-    """attack.py's defaults, unaffected by --config (which sets the defaults of its own parser)."""
-    from experiment.cli import build_parser
-
-    return vars(build_parser().parse_args([]))
