@@ -21,7 +21,7 @@ from experiment.options import (
 )
 
 
-def local_training_from_args(config: AttackConfig) -> LocalTraining | None:
+def build_local_training(config: AttackConfig) -> LocalTraining | None:
     """The ``--local_*`` options as a protocol; None for FedSGD (``--local_epochs 0``)."""
     if config.local_epochs == 0:
         stray = [

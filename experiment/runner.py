@@ -33,7 +33,7 @@ from attacks.local_update import (
     client_update,
     end_weights,
 )
-from experiment.client_options import build_defense, local_training_from_args
+from experiment.client_options import build_defense, build_local_training
 from experiment.config import AttackConfig
 from experiment.errors import UserError
 from experiment.extension import Extension, TryContext
@@ -215,7 +215,7 @@ def prepare(config: AttackConfig) -> Setup:
             f"attack.py runs each try on one device, got --devices {config.devices}; use train.py for multi-device runs"
         )
     defense = build_defense(config, config.seed)
-    local_training = local_training_from_args(config)
+    local_training = build_local_training(config)
     num_classes, input_shape, _ = dataset_info(config.dataset)
     check_network_fits(config.model, tuple(input_shape), **network_options(config))
     device = choose_device(config.accelerator)

@@ -101,7 +101,7 @@ def find_stages(pattern: str) -> list[Stage]:
     return stages
 
 
-def stage_args(config: AttackConfig, stage: Stage) -> AttackConfig:
+def stage_config(config: AttackConfig, stage: Stage) -> AttackConfig:
     return dataclasses.replace(config, checkpoint=str(stage.path), results=None)
 
 
@@ -110,7 +110,7 @@ def prepare_sweep(config: AttackConfig) -> Sweep:
     if not glob.glob(config.checkpoints, recursive=True):
         raise missing_stages(config)
     stages = find_stages(config.checkpoints)
-    first = runner.prepare(stage_args(config, stages[0]))
+    first = runner.prepare(stage_config(config, stages[0]))
     return Sweep(config, stages, first)
 
 
@@ -122,7 +122,7 @@ def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
             setup = (
                 sweep.first
                 if stage is sweep.stages[0]
-                else runner.prepare(stage_args(sweep.config, stage))
+                else runner.prepare(stage_config(sweep.config, stage))
             )
             log.info("stage %s: %s", stage.label, stage.path)
             results = runner.run(setup, run_dir / stage.label, writer=None)
