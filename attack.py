@@ -22,27 +22,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from attacks.cli import build_parser
+    from experiment.cli import build_parser, given_options
     from experiment.options import parse_args
 
     parser = build_parser()
-    args = parse_args(parser, argv)
-    from attacks import runner, stages
+    config = parse_args(parser, argv)
+    from experiment import runner, stages, victims
     from experiment.errors import UserError
     from experiment.logs import open_run
     from experiment.runs import check_output_dir, check_output_file
 
     try:
         # Before any work: a run must not end by failing to save what it did.
-        check_output_dir(Path(args.log_dir) / args.exp_name, "--log_dir")
-        if args.results:
-            check_output_file(args.results, "--results")
-        stages.check_given_options(sys.argv[1:] if argv is None else argv, args)
-        setup = stages.prepare_sweep(args) if args.checkpoints else runner.prepare(args)
+        check_output_dir(Path(config.log_dir) / config.exp_name, "--log_dir")
+        if config.results:
+            check_output_file(config.results, "--results")
+        victims.check_given_options(given_options(sys.argv[1:] if argv is None else argv), config)
+        setup = stages.prepare_sweep(config) if config.checkpoints else runner.prepare(config)
     except UserError as err:
         print(f"attack.py: error: {err}", file=sys.stderr)
         return 2
-    with open_run(args.log_dir, args.exp_name, "attack") as (run_dir, writer):
+    with open_run(config.log_dir, config.exp_name, "attack") as (run_dir, writer):
         if setup.datamodule.is_synthetic:
             logging.getLogger("attack").info(
                 "data: %s is SYNTHETIC (generated in memory, no files read); use --dataset MNIST_GRAY/CIFAR100/ImageNet "
@@ -50,7 +50,7 @@ def _main(argv: list[str] | None) -> int:
                 setup.datamodule.name,
             )
         try:
-            (stages.run_sweep if args.checkpoints else runner.run)(setup, run_dir, writer)
+            (stages.run_sweep if config.checkpoints else runner.run)(setup, run_dir, writer)
         except UserError as err:
             print(f"attack.py: error: {err}", file=sys.stderr)
             return 2

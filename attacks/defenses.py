@@ -22,7 +22,6 @@ device.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ import torch
 from torch import nn
 
 from attacks.gradients import embed_and_forward, last_linear_layer
-from experiment.errors import UserError
-from experiment.options import non_negative_float, percentage, positive_float
 
 Grads = dict[str, torch.Tensor]
 Chunks = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -280,7 +277,7 @@ def _norms_through(
     return embeddings, squared.clamp(min=0).sqrt()
 
 
-# --- registry and options -----------------------------------------------------------------
+# --- registry ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -350,60 +347,6 @@ class Defense:
         return f"{self.method.name} ({self.method.parameter} = {self.value:g})"
 
 
-def build_defense(args: argparse.Namespace, seed: int) -> Defense | None:
-    """The defense the options ask for, or None; raises ``UserError`` on an incomplete request."""
-    if not args.defense:
-        if args.defense_method is not None:
-            raise UserError(
-                f"--defense_method {args.defense_method} needs --defense to take effect"
-            )
-        return None
-    if args.defense_method is None:
-        raise UserError(f"--defense needs --defense_method; valid methods: {', '.join(DEFENSES)}")
-    method = DEFENSES[args.defense_method]
-    return Defense(method, getattr(args, method.parameter), seed)
-
-
 def describe_defense(defense: Defense | None) -> dict | None:
     """What results.json says about the defense."""
     return None if defense is None else defense.describe()
-
-
-def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "defense (applied by the client before the gradients are shared)"
-    )
-    group.add_argument(
-        "--defense", action="store_true", help="transform the gradients with --defense_method"
-    )
-    group.add_argument(
-        "--defense_method",
-        choices=list(DEFENSES),
-        default=None,
-        help="dp: Gaussian noise; clip: global-norm clipping; sparse: zero the smallest entries; "
-        "soteria (= perturb): prune the weight-gradient columns of the least sensitive features",
-    )
-    group.add_argument(
-        "--noise_std",
-        type=non_negative_float,
-        default=1e-3,
-        help="dp: std of the noise added to every entry",
-    )
-    group.add_argument(
-        "--clip_bound",
-        type=positive_float,
-        default=4.0,
-        help="clip: global L2 norm of all gradients together",
-    )
-    group.add_argument(
-        "--sparse_ratio",
-        type=percentage,
-        default=10.0,
-        help="sparse: percent of each tensor's entries zeroed",
-    )
-    group.add_argument(
-        "--prune_ratio",
-        type=percentage,
-        default=10.0,
-        help="soteria: percent of embedding features pruned",
-    )

@@ -26,7 +26,6 @@ Two choices, both so that E = 1 with B = K gives back the FedSGD gradient:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from collections.abc import Callable
@@ -91,55 +90,6 @@ class LocalUpdate:
     steps: int
     #: the client's weights after the local steps, by parameter name (start - lr x steps x gradient)
     end_state: dict[str, torch.Tensor] = field(repr=False, compare=False)
-
-
-def local_training_from_args(args: argparse.Namespace) -> LocalTraining | None:
-    """The ``--local_*`` options as a protocol; None for FedSGD (``--local_epochs 0``)."""
-    if args.local_epochs == 0:
-        stray = [
-            f"--{name}"
-            for name, default in (
-                ("local_batch_size", None),
-                ("local_lr", DEFAULT_LOCAL_LR),
-                ("local_optimizer", "sgd"),
-            )
-            if getattr(args, name) != default
-        ]
-        if stray:
-            raise UserError(f"{', '.join(stray)} set local training; add --local_epochs E >= 1")
-        return None
-    return LocalTraining(
-        args.local_epochs, args.local_batch_size, args.local_lr, args.local_optimizer
-    )
-
-
-def add_local_training_arguments(parser: argparse.ArgumentParser) -> None:
-    from experiment.options import non_negative_int, positive_float, positive_int
-
-    group = parser.add_argument_group(
-        "federated averaging (the client trains locally and shares its weight change)"
-    )
-    group.add_argument(
-        "--local_epochs",
-        type=non_negative_int,
-        default=0,
-        help="local epochs E over the K images; 0 = FedSGD, one gradient of the batch",
-    )
-    group.add_argument(
-        "--local_batch_size",
-        type=positive_int,
-        default=None,
-        help="local mini-batch size B (default and any B >= K: the whole batch)",
-    )
-    group.add_argument(
-        "--local_lr", type=positive_float, default=DEFAULT_LOCAL_LR, help="local learning rate"
-    )
-    group.add_argument(
-        "--local_optimizer",
-        choices=LOCAL_OPTIMIZERS,
-        default="sgd",
-        help=f"local optimizer: plain SGD or SGD with momentum {MOMENTUM}",
-    )
 
 
 #: called after each local step's forward pass: (batch indices, embeddings, logits), detached

@@ -1,4 +1,9 @@
-"""Shared plumbing of the entry points: user-facing errors, options and run folders."""
+"""The experiment harness of ``attack.py`` (options, runner, stage sweep, tables) and the plumbing
+both entry points share: user-facing errors, ``--config`` parsing and run folders.
+
+Importing the package loads only ``errors``, which every package raises; the harness modules are
+imported by name.
+"""
 
 from experiment.errors import UserError
 

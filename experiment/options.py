@@ -24,8 +24,14 @@ def did_you_mean(word: str, candidates) -> str:
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``prog: error: ...``) and exit code 2.
 
-    A mistyped option gets the closest valid one suggested.
+    A mistyped option gets the closest valid one suggested. With ``config_type`` (a dataclass with
+    one field per option), ``parse_args`` returns that instead of a Namespace: the command line
+    becomes the typed configuration once, here, and nothing below the entry point sees argparse.
     """
+
+    def __init__(self, *args, config_type=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_type = config_type
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -39,7 +45,7 @@ class OneLineParser(argparse.ArgumentParser):
                 options = [o for o in self._option_string_actions if o.startswith("--")]
                 message += did_you_mean(unknown.split("=", 1)[0], options)
             self.error(message)
-        return namespace
+        return namespace if self.config_type is None else self.config_type(**vars(namespace))
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -103,10 +109,8 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> dict:
     return {key: _coerce(actions[key], key, value, path) for key, value in data.items()}
 
 
-def parse_args(
-    parser: argparse.ArgumentParser, argv: list[str] | None = None
-) -> argparse.Namespace:
-    """Parse ``argv`` with the values of ``--config FILE`` as defaults."""
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Parse ``argv`` with the values of ``--config FILE`` as defaults: the parser's config type."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")

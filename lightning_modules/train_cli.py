@@ -15,6 +15,7 @@ from experiment.options import (
     positive_float,
     positive_int,
 )
+from lightning_modules.train_config import TrainConfig
 
 DEFAULT_EPOCHS = 100
 DEFAULT_ITERS = 1000
@@ -50,6 +51,7 @@ def devices_option(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
+        config_type=TrainConfig,
         prog="train.py",
         description=(
             "Train a victim network and save checkpoints at chosen stages (epochs or iterations) "

@@ -7,7 +7,6 @@ A stage is a number of completed epochs or optimizer steps. Its checkpoint is
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from lightning_modules.checkpoints import (
     read_checkpoint,
     stage_checkpoint_name,
 )
+from lightning_modules.train_config import TrainConfig
 
 log = logging.getLogger("train")
 
@@ -32,19 +32,19 @@ NETWORK_OPTIONS = ("n_hidden", "n_dim", "batchnorm", "dropout", "silu", "leaky_r
 TRAINING_OPTIONS = ("optimizer", "lr", "weight_decay", "scheduler", "warmup")
 
 
-def stage_unit(args: argparse.Namespace) -> str:
-    return "iteration" if args.iter_train else "epoch"
+def stage_unit(config: TrainConfig) -> str:
+    return "iteration" if config.iter_train else "epoch"
 
 
-def final_stage(args: argparse.Namespace) -> int:
-    return args.iters if args.iter_train else args.epochs
+def final_stage(config: TrainConfig) -> int:
+    return config.iters if config.iter_train else config.epochs
 
 
-def stage_checkpoint_path(args: argparse.Namespace, n: int | None = None) -> Path:
-    """The checkpoint of stage ``n`` (default: the end of training) of the run ``args`` describes."""
-    n = final_stage(args) if n is None else n
-    return Path(args.model_path) / stage_checkpoint_name(
-        args.model, args.dataset, stage_unit(args), n
+def stage_checkpoint_path(config: TrainConfig, n: int | None = None) -> Path:
+    """The checkpoint of stage ``n`` (default: the end of training) of the run ``config`` describes."""
+    n = final_stage(config) if n is None else n
+    return Path(config.model_path) / stage_checkpoint_name(
+        config.model, config.dataset, stage_unit(config), n
     )
 
 
@@ -113,33 +113,33 @@ class StageCheckpoint(ModelCheckpoint):
             self.best_model_path = final
 
 
-def build_datamodule_for(args: argparse.Namespace):
+def build_datamodule_for(config: TrainConfig):
     from datamodules import build_datamodule
 
     return build_datamodule(
-        args.dataset,
-        data_root=str(args.data_root),
+        config.dataset,
+        data_root=str(config.data_root),
         split="train",
-        imagenet_dir=None if args.imagenet_dir is None else str(args.imagenet_dir),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        augment=args.augment,
-        train_partition=args.train_partition,
-        val_fraction=args.val_fraction,
+        imagenet_dir=None if config.imagenet_dir is None else str(config.imagenet_dir),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        augment=config.augment,
+        train_partition=config.train_partition,
+        val_fraction=config.val_fraction,
     )
 
 
-def classifier_hparams(args: argparse.Namespace, num_classes: int, input_shape) -> dict:
+def classifier_hparams(config: TrainConfig, num_classes: int, input_shape) -> dict:
     """The plain hyperparameters of the :class:`VictimClassifier` this run trains."""
     return {
-        "model": args.model,
+        "model": config.model,
         "num_classes": int(num_classes),
         "input_shape": [int(size) for size in input_shape],
-        "dataset": args.dataset,
-        **{name: getattr(args, name) for name in NETWORK_OPTIONS + TRAINING_OPTIONS},
-        "schedule_unit": "step" if args.iter_train else "epoch",
-        "schedule_length": final_stage(args),
+        "dataset": config.dataset,
+        **{name: getattr(config, name) for name in NETWORK_OPTIONS + TRAINING_OPTIONS},
+        "schedule_unit": "step" if config.iter_train else "epoch",
+        "schedule_length": final_stage(config),
     }
 
 
@@ -169,8 +169,8 @@ def check_resume(path, hparams: dict) -> None:
         raise CheckpointError(f"--resume {path} was saved by a run with other options: {pairs}")
 
 
-def leakage_callbacks(args: argparse.Namespace) -> list[Callback]:
-    if not args.attack_every_n_steps:
+def leakage_callbacks(config: TrainConfig) -> list[Callback]:
+    if not config.attack_every_n_steps:
         return []
     try:
         from callbacks import LabelLeakageCallback
@@ -178,7 +178,7 @@ def leakage_callbacks(args: argparse.Namespace) -> list[Callback]:
         raise UserError(
             "--attack_every_n_steps needs callbacks.LabelLeakageCallback, which this checkout does not have"
         ) from None
-    return [LabelLeakageCallback(attack_every_n_steps=args.attack_every_n_steps)]
+    return [LabelLeakageCallback(attack_every_n_steps=config.attack_every_n_steps)]
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:
@@ -200,71 +200,75 @@ def silence_lightning_noise() -> None:
     )
 
 
-def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Trainer:
+def build_trainer(config: TrainConfig, callbacks: list[Callback]) -> pl.Trainer:
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     silence_lightning_noise()
     logger = TensorBoardLogger(
-        save_dir=str(args.log_dir), name=args.exp_name, default_hp_metric=False
+        save_dir=str(config.log_dir), name=config.exp_name, default_hp_metric=False
     )
     try:
         return pl.Trainer(
-            accelerator=args.accelerator,
-            devices=args.devices,
-            strategy=args.strategy,
-            num_nodes=args.num_nodes,
-            precision=args.precision,
-            max_epochs=-1 if args.iter_train else args.epochs,
-            max_steps=args.iters if args.iter_train else -1,
-            fast_dev_run=args.dryrun,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            strategy=config.strategy,
+            num_nodes=config.num_nodes,
+            precision=config.precision,
+            max_epochs=-1 if config.iter_train else config.epochs,
+            max_steps=config.iters if config.iter_train else -1,
+            fast_dev_run=config.dryrun,
             logger=logger,
             callbacks=[*callbacks, LearningRateMonitor(logging_interval="step")],
             log_every_n_steps=10,
-            enable_progress_bar=not args.quiet,
-            enable_model_summary=not args.quiet,
+            enable_progress_bar=not config.quiet,
+            enable_model_summary=not config.quiet,
         )
     except (MisconfigurationException, ValueError) as err:
         raise UserError(f"trainer options: {' '.join(str(err).split())}") from None
 
 
-def train(args: argparse.Namespace) -> list[Path]:
+def train(config: TrainConfig) -> list[Path]:
     """Check everything, then train; returns the stage checkpoints in ``model_path`` of this run."""
     from datamodules import dataset_info
     from experiment.runs import check_output_dir
     from lightning_modules.classifier import VictimClassifier
     from lightning_modules.networks import check_network_fits
 
-    if not args.dryrun:
+    if not config.dryrun:
         # Before any work: a run must not train for hours and then fail to save its checkpoints.
-        check_output_dir(args.model_path, "--model_path")
-        check_output_dir(Path(args.log_dir) / args.exp_name, "--log_dir")
-    num_classes, input_shape, synthetic = dataset_info(args.dataset)
+        check_output_dir(config.model_path, "--model_path")
+        check_output_dir(Path(config.log_dir) / config.exp_name, "--log_dir")
+    num_classes, input_shape, synthetic = dataset_info(config.dataset)
     check_network_fits(
-        args.model, tuple(input_shape), **{n: getattr(args, n) for n in NETWORK_OPTIONS}
+        config.model, tuple(input_shape), **{n: getattr(config, n) for n in NETWORK_OPTIONS}
     )
-    hparams = classifier_hparams(args, num_classes, input_shape)
-    if args.resume:
-        check_resume(args.resume, hparams)
-    datamodule = build_datamodule_for(args)
+    hparams = classifier_hparams(config, num_classes, input_shape)
+    if config.resume:
+        check_resume(config.resume, hparams)
+    datamodule = build_datamodule_for(config)
     # Missing or broken data fails here, in one line, before any Trainer exists.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    callbacks = leakage_callbacks(args)
-    earlier = [] if args.resume else saved_stages(args)
+    callbacks = leakage_callbacks(config)
+    earlier = [] if config.resume else saved_stages(config)
     if earlier:
         log.warning(
             "%s already holds %d %s checkpoint(s) of %s on %s; this run replaces those of the stages it saves",
-            args.model_path,
+            config.model_path,
             len(earlier),
-            stage_unit(args),
-            args.model,
-            args.dataset,
+            stage_unit(config),
+            config.model,
+            config.dataset,
         )
-    unit = stage_unit(args)
-    every = (args.iter_interval if args.iter_train else args.epoch_interval) if args.mid_save else 0
-    checkpoint = StageCheckpoint(args.model_path, args.model, args.dataset, unit, every)
-    trainer = build_trainer(args, [*callbacks, checkpoint])
+    unit = stage_unit(config)
+    every = (
+        (config.iter_interval if config.iter_train else config.epoch_interval)
+        if config.mid_save
+        else 0
+    )
+    checkpoint = StageCheckpoint(config.model_path, config.model, config.dataset, unit, every)
+    trainer = build_trainer(config, [*callbacks, checkpoint])
     if trainer.world_size == 1:
         # The datamodule's state_dict holds the sampler's position, so a mid-epoch resume is
         # exact on one process; under DDP, Lightning's DistributedSampler restarts the epoch
@@ -273,19 +277,19 @@ def train(args: argparse.Namespace) -> list[Path]:
             "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
         )
     if synthetic:
-        log.info("data: %s is SYNTHETIC (generated in memory, no files read)", args.dataset)
-    pl.seed_everything(args.seed, workers=True)
+        log.info("data: %s is SYNTHETIC (generated in memory, no files read)", config.dataset)
+    pl.seed_everything(config.seed, workers=True)
     classifier = VictimClassifier(**hparams)
     # weights_only: resuming never runs code that a checkpoint file brings along.
     try:
-        trainer.fit(classifier, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+        trainer.fit(classifier, datamodule=datamodule, ckpt_path=config.resume, weights_only=True)
     except SIGTERMException as err:
         # Raised after the callbacks' on_exception ran, which saved the state to resume from.
         raise TrainingInterrupted(checkpoint.interrupted_path, signal.SIGTERM) from err
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C into SystemExit(1), also after on_exception.
         raise TrainingInterrupted(checkpoint.interrupted_path, signal.SIGINT) from err
-    return saved_stages(args) if trainer.is_global_zero else []
+    return saved_stages(config) if trainer.is_global_zero else []
 
 
 class TrainingInterrupted(Exception):
@@ -300,12 +304,12 @@ class TrainingInterrupted(Exception):
         self.signum = int(signum)
 
 
-def saved_stages(args: argparse.Namespace) -> list[Path]:
+def saved_stages(config: TrainConfig) -> list[Path]:
     """This run's stage checkpoints present in ``model_path``, by stage."""
-    run_name = f"{args.model}_{args.dataset}"
-    unit = "Iter" if args.iter_train else "Epoch"
+    run_name = f"{config.model}_{config.dataset}"
+    unit = "Iter" if config.iter_train else "Epoch"
     found = []
-    for path in Path(args.model_path).glob(f"{run_name}_{unit}*.ckpt"):
+    for path in Path(config.model_path).glob(f"{run_name}_{unit}*.ckpt"):
         match = STAGE_PATTERN.search(path.name)
         if match and match["unit"] == unit and path.name[: match.start()] == run_name:
             found.append((int(match["n"]), path))

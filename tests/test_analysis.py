@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.analysis import (
+from attacks.gradients import batch_gradients, embed_and_forward, share
+from attacks.observation import Restoration
+from experiment.analysis import (
     QUANTITIES,
     CustomClassCounts,
     ErrorAnalysis,
@@ -19,8 +21,6 @@ from attacks.analysis import (
     mean_relative_error,
     trimmed_mean,
 )
-from attacks.gradients import batch_gradients, embed_and_forward, share
-from attacks.observation import Restoration
 from tests.conftest import REPO
 from tests.helpers import TinyVictim, labels_from_counts
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from attacks.cli import build_parser
+from experiment.cli import build_parser
 from experiment.options import load_config
 from lightning_modules.train_cli import build_parser as build_train_parser
 from tests.conftest import REPO

@@ -14,7 +14,6 @@ from torch import nn
 from attacks.defenses import (
     DEFENSES,
     add_gaussian_noise,
-    build_defense,
     clip_to_norm,
     global_norm,
     percentile_count,
@@ -23,6 +22,7 @@ from attacks.defenses import (
     sparsify,
 )
 from attacks.gradients import batch_gradients, chunked, embed_and_forward
+from experiment.client_options import build_defense
 from experiment.errors import UserError
 from lightning_modules.networks import VictimNetwork, build_network
 from tests.conftest import REPO
@@ -405,7 +405,7 @@ def test_preset_table_runs_each_preset_and_prints_one_markdown_table(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "attacks.preset_table",
+        "experiment.preset_table",
         *(str(tmp_path / f"{n}.yaml") for n in presets),
     ]
     command += ["--", "--log_dir", str(tmp_path / "logs")]

@@ -11,24 +11,23 @@ import torch
 from torch import nn
 
 from attacks import build_attack
-from attacks.cli import build_parser
 from attacks.gradients import batch_gradients, share
 from attacks.image_metrics import comparison_grid, match_images, pairwise_mse, score_images
 from attacks.observation import Restoration
 from attacks.reconstruction import (
     COST_FUNCTIONS,
     GradientMatcher,
-    Reconstruction,
     ReconstructionConfig,
     box_bounds,
     initial_images,
-    label_source,
     project_to_box,
     reconstruct,
     total_variation,
 )
-from attacks.runner import TryContext
+from experiment.cli import build_parser
+from experiment.extension import TryContext
 from experiment.options import parse_args
+from experiment.reconstruction import Reconstruction, label_source
 from tests.conftest import REPO
 
 SHAPE = (1, 12, 12)

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from attacks import runner
-from attacks.cli import build_parser
+from experiment import runner
+from experiment.cli import build_parser
 from tests.conftest import REPO
 
 

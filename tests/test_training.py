@@ -357,14 +357,14 @@ def test_load_victim_maps_every_bad_file_to_one_line(tmp_path, good_checkpoint):
 
 
 def test_train_and_attack_share_network_option_defaults():
-    from attacks.cli import build_parser as attack_parser
+    from experiment.cli import build_parser as attack_parser
     from lightning_modules.train_cli import build_parser as train_parser
 
     train_defaults, attack_defaults = (
         vars(train_parser().parse_args([])),
         vars(attack_parser().parse_args([])),
     )
-    from attacks.stages import CHECKPOINT_OPTIONS
+    from experiment.victims import CHECKPOINT_OPTIONS
 
     for option in CHECKPOINT_OPTIONS:
         assert train_defaults[option] == attack_defaults[option], option
@@ -373,7 +373,7 @@ def test_train_and_attack_share_network_option_defaults():
 
 
 def test_presets_are_valid_configs():
-    from attacks.cli import build_parser as attack_parser
+    from experiment.cli import build_parser as attack_parser
     from experiment.options import load_config
     from lightning_modules.train_cli import build_parser as train_parser
 

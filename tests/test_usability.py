@@ -383,7 +383,7 @@ def test_scores_without_tries_are_undefined_without_warnings():
     import math
     import warnings
 
-    from attacks.report import MethodScores, format_table
+    from experiment.report import MethodScores, format_table
 
     scores = {"iLRG": MethodScores(restores_counts=True)}
     with warnings.catch_warnings():
@@ -393,7 +393,7 @@ def test_scores_without_tries_are_undefined_without_warnings():
 
 
 def test_the_table_lines_up_with_a_long_method_name():
-    from attacks.report import MethodScores, format_table
+    from experiment.report import MethodScores, format_table
 
     scores = {name: MethodScores(restores_counts=True) for name in ("iLRG", "decompose")}
     header, rule, *rows = format_table(scores).splitlines()

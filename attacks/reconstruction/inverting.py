@@ -10,7 +10,6 @@ original Inverting Gradients code optimises and what the iLRG paper compared wit
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +62,9 @@ class ReconstructionConfig:
     soft_labels: str = "batch"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ReconstructionConfig:
+    def from_args(cls, args) -> ReconstructionConfig:
+        """From ``attack.py``'s options: any object with their names as attributes (the harness's
+        ``AttackConfig``); the option names differ from the fields (``rec_lr`` -> ``lr``)."""
         return cls(
             args.cost_fn,
             args.rec_optimizer,

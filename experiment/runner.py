@@ -8,11 +8,10 @@ counts that stay on the client's side.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,18 +25,20 @@ from attacks import (
     build_attack,
     check_attack_name,
 )
-from attacks.defenses import build_defense, describe_defense
+from attacks.defenses import describe_defense
 from attacks.gradients import batch_gradients, share
 from attacks.local_update import (
     LocalTraining,
     LocalUpdate,
     client_update,
     end_weights,
-    local_training_from_args,
 )
-from attacks.report import METRIC_NAMES, MethodScores, format_table
+from experiment.client_options import build_defense, build_local_training
+from experiment.config import AttackConfig
 from experiment.errors import UserError
+from experiment.extension import Extension, TryContext
 from experiment.logs import RESULT
+from experiment.report import METRIC_NAMES, MethodScores, format_table
 from experiment.runs import write_json_atomic
 
 log = logging.getLogger("attack")
@@ -56,44 +57,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 @dataclass
-class TryContext:
-    """Everything one try produced, for the extensions (analysis, reconstruction) to look at.
-
-    ``labels`` and ``true_counts`` are the client's secrets: extensions use them
-    only to score, never to attack.
-    """
-
-    index: int
-    indices: torch.Tensor
-    labels: torch.Tensor
-    true_counts: torch.Tensor
-    grads: dict[str, torch.Tensor]
-    shared: object
-    restorations: dict[str, object]
-    load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-
-
-class Extension:
-    """A per-try add-on to the experiment. ``key`` names its part of results.json."""
-
-    key = "extension"
-
-    def bind(self, run_dir: Path, writer=None) -> None:
-        """Called once before the first try with the run folder and the TensorBoard writer."""
-
-    def on_try(self, ctx: TryContext) -> dict | None:
-        return None
-
-    def summary(self) -> dict:
-        return {}
-
-    def table(self) -> str | None:
-        return None
-
-
-@dataclass
 class Setup:
-    args: argparse.Namespace
+    config: AttackConfig
     datamodule: object
     dataset: object
     model: torch.nn.Module
@@ -109,32 +74,34 @@ class Setup:
     local_training: LocalTraining | None = None
 
 
-def method_names(args: argparse.Namespace, auxiliary: bool = False) -> list[str]:
+def method_names(config: AttackConfig, auxiliary: bool = False) -> list[str]:
     """``--attacks``, then with ``--compare`` decompose, the prior attacks and, given auxiliary
     data, the auxiliary ones."""
     compared = list(PER_SAMPLE_ATTACKS) + list(PRIOR_ATTACKS)
     compared += list(AUXILIARY_ATTACKS) if auxiliary else []
-    names = list(dict.fromkeys(args.attacks + (compared if args.compare else [])))
+    names = list(dict.fromkeys(config.attacks + (compared if config.compare else [])))
     for name in names:
         check_attack_name(name)
     return names
 
 
-def victim_partition(args: argparse.Namespace, trained):
+def victim_partition(config: AttackConfig, trained):
     """train.py's partition: the checkpoint's (an option saying otherwise is an error), else the options'."""
     from datamodules.views import Partition
 
     given = (
-        Partition(args.train_partition, args.val_fraction, args.seed)
-        if args.train_partition
+        Partition(config.train_partition, config.val_fraction, config.seed)
+        if config.train_partition
         else None
     )
     if trained is None or not trained.data_hparams:
         return given
     saved = trained.partition()
-    if args.train_partition is not None and (saved is None or saved.split != args.train_partition):
+    if config.train_partition is not None and (
+        saved is None or saved.split != config.train_partition
+    ):
         raise UserError(
-            f"--train_partition {args.train_partition} conflicts with the checkpoint {trained.path} "
+            f"--train_partition {config.train_partition} conflicts with the checkpoint {trained.path} "
             f"(trained with train_partition {saved.split if saved else 'none'})"
         )
     return saved
@@ -146,7 +113,7 @@ def left_out(reason: Exception) -> tuple[None, None]:
     return None, None
 
 
-def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, num_classes):
+def auxiliary_data(config: AttackConfig, datamodule, attacked, partition, num_classes):
     """The server's labelled samples and what results.json says of them; (None, None) without.
 
     ``--aux_split auto`` takes the held-out counterpart of the attacked data where
@@ -156,14 +123,14 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
     from datamodules.views import COUNTERPART, auxiliary_sample, data_view
     from experiment.errors import DataError
 
-    wanted = any(name in AUXILIARY_ATTACKS for name in args.attacks)
-    name = args.aux_split
+    wanted = any(name in AUXILIARY_ATTACKS for name in config.attacks)
+    name = config.aux_split
     if name == "auto":
-        name = COUNTERPART.get(args.split)
+        name = COUNTERPART.get(config.split)
         if name is None:
             if wanted:
                 raise UserError(
-                    f"--split {args.split} has no held-out counterpart for the auxiliary data; name one with --aux_split"
+                    f"--split {config.split} has no held-out counterpart for the auxiliary data; name one with --aux_split"
                 )
             return None, None
         try:
@@ -171,30 +138,30 @@ def auxiliary_data(args: argparse.Namespace, datamodule, attacked, partition, nu
         except DataError as err:
             if wanted:
                 raise UserError(
-                    f"no auxiliary data for {', '.join(a for a in args.attacks if a in AUXILIARY_ATTACKS)}: {err}"
+                    f"no auxiliary data for {', '.join(a for a in config.attacks if a in AUXILIARY_ATTACKS)}: {err}"
                 ) from None
             return left_out(err)
     else:
         view = data_view(datamodule, name, partition)
     if view.overlaps(attacked):
         raise UserError(
-            f"--aux_split {name} shares samples with the attacked --split {args.split}: "
+            f"--aux_split {name} shares samples with the attacked --split {config.split}: "
             "the auxiliary data would hold the batches' own samples"
         )
-    generator = torch.Generator().manual_seed(args.seed)
-    indices = auxiliary_sample(view, num_classes, args.aux_per_class, generator)
+    generator = torch.Generator().manual_seed(config.seed)
+    indices = auxiliary_sample(view, num_classes, config.aux_per_class, generator)
     images, labels = view.load(indices)
     auxiliary = AuxiliaryData(images, labels)
     try:
         auxiliary.check_covers(num_classes)
     except UserError as err:
-        if args.aux_split != "auto" or wanted:
+        if config.aux_split != "auto" or wanted:
             raise
         return left_out(err)
     per_class = torch.bincount(labels, minlength=num_classes)
     return auxiliary, {
         "split": name,
-        "per_class": args.aux_per_class,
+        "per_class": config.aux_per_class,
         "samples": int(labels.numel()),
         "fewest_of_a_class": int(per_class.min()),
     }
@@ -212,74 +179,78 @@ def choose_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def network_options(args: argparse.Namespace) -> dict:
+def network_options(config: AttackConfig) -> dict:
     return {
-        "n_hidden": args.n_hidden,
-        "n_dim": args.n_dim,
-        "dropout": args.dropout,
-        "batchnorm": args.batchnorm,
-        "silu": args.silu,
-        "leaky_relu": args.leaky_relu,
+        "n_hidden": config.n_hidden,
+        "n_dim": config.n_dim,
+        "dropout": config.dropout,
+        "batchnorm": config.batchnorm,
+        "silu": config.silu,
+        "leaky_relu": config.leaky_relu,
     }
 
 
-def build_victim(args: argparse.Namespace, num_classes: int, input_shape) -> torch.nn.Module:
+def build_victim(config: AttackConfig, num_classes: int, input_shape) -> torch.nn.Module:
     """An untrained victim, seeded so the same command attacks the same weights."""
     from lightning_modules.networks import build_network
 
-    torch.manual_seed(args.seed)
-    return build_network(args.model, num_classes, tuple(input_shape), **network_options(args))
+    torch.manual_seed(config.seed)
+    return build_network(config.model, num_classes, tuple(input_shape), **network_options(config))
 
 
-def prepare(args: argparse.Namespace) -> Setup:
+def prepare(config: AttackConfig) -> Setup:
     """Check everything and load data and model; raises ``UserError`` and writes nothing."""
-    from attacks.stages import resolve_victim
     from datamodules import build_datamodule, dataset_info
     from datamodules.base import SPLITS
     from datamodules.composition import check_composition
     from datamodules.views import data_view
+    from experiment.victims import resolve_victim
     from lightning_modules.networks import check_network_fits
 
     # A trained victim brings its own dataset, model and network options.
-    args, trained = resolve_victim(args)
-    method_names(args)  # unknown names fail before any data is read
-    if args.devices != 1:
+    config, trained = resolve_victim(config)
+    method_names(config)  # unknown names fail before any data is read
+    if config.devices != 1:
         raise UserError(
-            f"attack.py runs each try on one device, got --devices {args.devices}; use train.py for multi-device runs"
+            f"attack.py runs each try on one device, got --devices {config.devices}; use train.py for multi-device runs"
         )
-    defense = build_defense(args, args.seed)
-    local_training = local_training_from_args(args)
-    num_classes, input_shape, _ = dataset_info(args.dataset)
-    check_network_fits(args.model, tuple(input_shape), **network_options(args))
-    device = choose_device(args.accelerator)
+    defense = build_defense(config, config.seed)
+    local_training = build_local_training(config)
+    num_classes, input_shape, _ = dataset_info(config.dataset)
+    check_network_fits(config.model, tuple(input_shape), **network_options(config))
+    device = choose_device(config.accelerator)
     datamodule = build_datamodule(
-        args.dataset,
-        data_root=args.data_root,
-        split=args.split if args.split in SPLITS else "all",
-        imagenet_dir=args.imagenet_dir,
-        seed=args.seed,
+        config.dataset,
+        data_root=config.data_root,
+        split=config.split if config.split in SPLITS else "all",
+        imagenet_dir=config.imagenet_dir,
+        seed=config.seed,
     )
-    partition = victim_partition(args, trained)
-    dataset = data_view(datamodule, args.split, partition)
-    auxiliary, aux_description = auxiliary_data(args, datamodule, dataset, partition, num_classes)
-    names = method_names(args, auxiliary is not None)
+    partition = victim_partition(config, trained)
+    dataset = data_view(datamodule, config.split, partition)
+    auxiliary, aux_description = auxiliary_data(config, datamodule, dataset, partition, num_classes)
+    names = method_names(config, auxiliary is not None)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(
-        class_sizes, args.num_images, args.distribution, args.num_target_cls, args.num_uniform_cls
+        class_sizes,
+        config.num_images,
+        config.distribution,
+        config.num_target_cls,
+        config.num_uniform_cls,
     )
     if dataset.decodes_files:
         # Every file the run will read is decoded now (a corrupt image is one line and exit 2
         # before the run folder exists), not when a try first meets it. The batches come
         # from the seed alone, so run() draws the very same ones again.
-        dataset.check_readable(torch.cat(list(draw_batches(args, dataset, num_classes))).unique())
-    network = trained.network if trained else build_victim(args, num_classes, input_shape)
+        dataset.check_readable(torch.cat(list(draw_batches(config, dataset, num_classes))).unique())
+    network = trained.network if trained else build_victim(config, num_classes, input_shape)
     model = network.to(device).eval()
     options = {
-        "alpha": args.alpha,
-        "estimate": args.estimate,
-        "simplified": args.simplified,
-        "norm_guard": args.norm_guard,
-        "seed": args.seed,
+        "alpha": config.alpha,
+        "estimate": config.estimate,
+        "simplified": config.simplified,
+        "norm_guard": config.norm_guard,
+        "seed": config.seed,
         "auxiliary": auxiliary,
     }
     attacks = {name: build_attack(name, **options) for name in names}
@@ -287,7 +258,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if aux_description is not None:
         describe["auxiliary"] = aux_description
     setup = Setup(
-        args,
+        config,
         datamodule,
         dataset,
         model,
@@ -300,43 +271,43 @@ def prepare(args: argparse.Namespace) -> Setup:
     )
     setup.describe["defense"] = describe_defense(defense)
     setup.describe["local_training"] = local_training.describe() if local_training else None
-    if args.analysis:
-        from attacks.analysis import ErrorAnalysis
+    if config.analysis:
+        from experiment.analysis import ErrorAnalysis
 
-        setup.extensions.append(ErrorAnalysis(model, alpha=args.alpha, ratio=args.ratio))
-    if args.distribution.startswith("custom_"):
-        from attacks.analysis import CustomClassCounts
+        setup.extensions.append(ErrorAnalysis(model, alpha=config.alpha, ratio=config.ratio))
+    if config.distribution.startswith("custom_"):
         from datamodules.composition import CUSTOM_CLASSES
+        from experiment.analysis import CustomClassCounts
 
         setup.extensions.append(CustomClassCounts(CUSTOM_CLASSES))
-    if args.rec_img:
-        from attacks.reconstruction import Reconstruction
+    if config.rec_img:
+        from experiment.reconstruction import Reconstruction
 
         setup.extensions.append(Reconstruction.from_setup(setup))
     return setup
 
 
-def draw_batches(args: argparse.Namespace, dataset, num_classes: int):
+def draw_batches(config: AttackConfig, dataset, num_classes: int):
     """The indices of the ``num_tries`` batches, one at a time, from the seed alone
     (the same for every stage of a sweep and for every pass over them)."""
     from datamodules.composition import compose_batch
 
-    generator = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.num_tries):
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.num_tries):
         yield compose_batch(
             dataset.targets,
             num_classes,
-            args.num_images,
-            args.distribution,
+            config.num_images,
+            config.distribution,
             generator,
-            num_target_cls=args.num_target_cls,
-            num_uniform_cls=args.num_uniform_cls,
+            num_target_cls=config.num_target_cls,
+            num_uniform_cls=config.num_uniform_cls,
         )
 
 
 def load_chunks(setup: Setup, indices: torch.Tensor):
     """The batch, loaded and moved one ``max_size`` chunk at a time to bound memory."""
-    step = setup.args.max_size or indices.numel()
+    step = setup.config.max_size or indices.numel()
     for start in range(0, indices.numel(), step):
         images, labels = setup.dataset.load(indices[start : start + step])
         yield images.to(setup.device, non_blocking=True), labels.to(setup.device, non_blocking=True)
@@ -359,9 +330,9 @@ def client_gradients(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """What the client shares as gradients, and its optimizer steps: one gradient of the batch
     (FedSGD, 1 step), or its FedAvg update divided by lr x steps."""
-    args = setup.args
+    config = setup.config
     if setup.local_training is None:
-        return batch_gradients(setup.model, load_chunks(setup, indices), args.num_images), 1
+        return batch_gradients(setup.model, load_chunks(setup, indices), config.num_images), 1
     # Local training revisits every sample each epoch: the whole batch is held at once.
     images, labels = map(torch.cat, zip(*load_chunks(setup, indices)))
     return client_update(setup.model, images, labels, setup.local_training, generator)
@@ -375,18 +346,18 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     """Attack ``num_tries`` batches; write results.json (also when interrupted) and return it."""
     from datamodules.composition import class_counts
 
-    args = setup.args
+    config = setup.config
     scores = {
-        name: MethodScores(attack.restores_counts, args.simplified)
+        name: MethodScores(attack.restores_counts, config.simplified)
         for name, attack in setup.attacks.items()
     }
     tries: list[dict] = []
     status = "complete"
     failure = None
     stopped_by = None
-    progress = _progress(args)
+    progress = _progress(config)
     # The clients' shuffling of their local mini-batches, the same for every run of the seed.
-    client_generator = torch.Generator().manual_seed(args.seed)
+    client_generator = torch.Generator().manual_seed(config.seed)
     for extension in setup.extensions:
         extension.bind(run_dir, writer)
     # Installed just before the try: a signal in between would skip writing results.json.
@@ -394,7 +365,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        for index, indices in enumerate(draw_batches(args, setup.dataset, setup.num_classes)):
+        for index, indices in enumerate(draw_batches(config, setup.dataset, setup.num_classes)):
             true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(
                 setup.device
             )
@@ -405,7 +376,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
                 grads = setup.defense(
                     grads, setup.model, lambda indices=indices: load_chunks(setup, indices)
                 )
-            known = true_counts > 0 if args.simplified else None
+            known = true_counts > 0 if config.simplified else None
             local_update = None
             if setup.local_training is not None:
                 local_update = LocalUpdate(
@@ -416,7 +387,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             shared = share(
                 setup.model,
                 grads,
-                args.num_images,
+                config.num_images,
                 known_classes=known,
                 local_update=local_update,
             )
@@ -464,7 +435,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             "interrupted (%s) after %d of %d tries; results.json is marked incomplete",
             signal.Signals(stopped_by.signum).name,
             len(tries),
-            args.num_tries,
+            config.num_tries,
         )
     except UserError as err:
         # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
@@ -478,8 +449,8 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     if failure is not None:
         results["error"] = failure
     write_json_atomic(run_dir / "results.json", results)
-    if args.results:
-        write_json_atomic(args.results, results)
+    if config.results:
+        write_json_atomic(config.results, results)
     if writer is not None:
         for method, summary in results["summary"].items():
             for metric, value in summary.items():
@@ -517,9 +488,9 @@ def build_results(
         "status": status,
         "tries_done": len(tries),
         "nonfinite_tries": sum(1 for t in tries if t.get("nonfinite_gradients")),
-        "config": vars(setup.args),
+        "config": setup.config.as_dict(),
         "data": {
-            "dataset": setup.args.dataset,
+            "dataset": setup.config.dataset,
             "synthetic": bool(setup.datamodule.is_synthetic),
             "source": getattr(setup.dataset, "source", None),
             "num_classes": setup.num_classes,
@@ -534,7 +505,7 @@ def build_results(
     }
 
 
-def _progress(args: argparse.Namespace):
+def _progress(config: AttackConfig):
     from tqdm.auto import tqdm
 
-    return tqdm(total=args.num_tries, desc="tries", unit="try", disable=args.quiet, leave=False)
+    return tqdm(total=config.num_tries, desc="tries", unit="try", disable=config.quiet, leave=False)

@@ -23,17 +23,18 @@ from attacks.reconstruction.inverting import (
     box_bounds,
     reconstruct,
 )
-from attacks.runner import Extension, TryContext
+from experiment.config import AttackConfig
+from experiment.extension import Extension, TryContext
 from experiment.options import non_negative_float, positive_float, positive_int
 
 log = logging.getLogger("attack")
 
 
-def label_source(args: argparse.Namespace) -> str:
+def label_source(config: AttackConfig) -> str:
     """``true`` (--gt_labels), ``iLRG`` (--fix_labels) or ``joint`` (optimised with the images)."""
-    if args.gt_labels:
+    if config.gt_labels:
         return "true"
-    return "iLRG" if args.fix_labels else "joint"
+    return "iLRG" if config.fix_labels else "joint"
 
 
 class Reconstruction(Extension):
@@ -68,27 +69,27 @@ class Reconstruction(Extension):
     def from_setup(cls, setup) -> Reconstruction:
         from attacks import build_attack
 
-        args, data = setup.args, setup.datamodule
+        config, data = setup.config, setup.datamodule
         # fix_labels needs iLRG's answer even when --attacks leaves iLRG out.
         ilrg = setup.attacks.get("iLRG") or build_attack(
             "iLRG",
-            alpha=args.alpha,
-            estimate=args.estimate,
-            simplified=args.simplified,
-            norm_guard=args.norm_guard,
+            alpha=config.alpha,
+            estimate=config.estimate,
+            simplified=config.simplified,
+            norm_guard=config.norm_guard,
         )
         return cls(
             setup.model,
-            ReconstructionConfig.from_args(args),
-            source=label_source(args),
+            ReconstructionConfig.from_args(config),
+            source=label_source(config),
             input_shape=data.input_shape,
             num_classes=setup.num_classes,
             mean=data.mean,
             std=data.std,
-            seed=args.seed,
+            seed=config.seed,
             ilrg=ilrg,
-            save_image=args.save_image,
-            progress=not args.quiet,
+            save_image=config.save_image,
+            progress=not config.quiet,
         )
 
     def bind(self, run_dir: Path, writer=None) -> None:

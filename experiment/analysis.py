@@ -41,7 +41,7 @@ import torch
 
 from attacks.gradients import embed_and_forward
 from attacks.ilrg import class_embeddings
-from attacks.runner import Extension, TryContext
+from experiment.extension import Extension, TryContext
 from experiment.options import bounded_float
 
 #: (quantity, what it compares, which measures) in table order

@@ -1,6 +1,6 @@
 """Run attack.py on several presets and print one Markdown table of their scores.
 
-    python3 -m attacks.preset_table configs/defense/resnet18_*.yaml -- --data_root ../shared/data --split val
+    python3 -m experiment.preset_table configs/defense/resnet18_*.yaml -- --data_root ../shared/data --split val
 
 Everything after ``--`` is passed to every run (flags win over the presets). Each
 preset runs as its own ``attack.py`` process, exactly as a user would run it; the
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from attacks.report import METRIC_NAMES
+from experiment.report import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = METRIC_NAMES
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     )
     parser = argparse.ArgumentParser(
-        prog="python3 -m attacks.preset_table", description=__doc__.split("\n")[0]
+        prog="python3 -m experiment.preset_table", description=__doc__.split("\n")[0]
     )
     parser.add_argument("configs", nargs="+", metavar="PRESET.yaml")
     configs = parser.parse_args(configs).configs

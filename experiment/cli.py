@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from attacks.analysis import add_analysis_arguments
-from attacks.defenses import add_defense_arguments
-from attacks.local_update import add_local_training_arguments
-from attacks.reconstruction import add_reconstruction_arguments
-from attacks.stages import add_checkpoint_arguments
 from datamodules.views import VIEWS
+from experiment.analysis import add_analysis_arguments
+from experiment.client_options import add_defense_arguments, add_local_training_arguments
+from experiment.config import AttackConfig
 from experiment.options import (
     OneLineParser,
     add_config_argument,
     add_data_source_arguments,
     add_network_arguments,
     add_partition_arguments,
+    load_config,
     non_negative_float,
     positive_float,
     positive_int,
 )
+from experiment.reconstruction import add_reconstruction_arguments
+from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_MODEL_PATH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             "attacks. With no arguments: FCN-3 on the offline synthetic MNIST, 24 images, 50 tries, --compare."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        config_type=AttackConfig,
     )
     add_config_argument(parser)
 
@@ -144,3 +146,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_arguments(parser)
     add_reconstruction_arguments(parser)
     return parser
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The options set on the command line ``argv`` or in its ``--config`` file."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    # parse_known_args, unlike parse_args, keeps the Namespace: only the names set are wanted
+    given = vars(parser.parse_known_args(argv)[0])
+    config = given.pop("config", None)
+    return set(given) | (set(load_config(build_parser(), config)) if config else set())
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "trained victim (checkpoints of train.py; the network options come from the checkpoint)"
+    )
+    which = group.add_mutually_exclusive_group()
+    which.add_argument(
+        "--trained_model",
+        action="store_true",
+        help="attack the checkpoint train.py saved at stage --epochs (or --iter_train --iters) in --model_path",
+    )
+    which.add_argument("--checkpoint", metavar="PATH", help="attack this checkpoint")
+    which.add_argument(
+        "--checkpoints",
+        metavar="GLOB",
+        help="attack every matching stage with the same batches; writes stages.json and stages.png "
+        "in the run folder (and stages.json to --results)",
+    )
+    group.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=DEFAULT_EPOCHS,
+        help="with --trained_model: epochs trained",
+    )
+    group.add_argument(
+        "--iter_train",
+        action="store_true",
+        help="with --trained_model: the stage counts iterations (--iters)",
+    )
+    group.add_argument(
+        "--iters",
+        type=positive_int,
+        default=DEFAULT_ITERS,
+        help="with --trained_model --iter_train: iterations trained",
+    )
+    group.add_argument(
+        "--model_path", default=DEFAULT_MODEL_PATH, help="folder of train.py's checkpoints"
+    )

@@ -1,0 +1,45 @@
+"""The per-try add-ons of the attack experiment (error analysis, reconstruction) and what they see."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TryContext:
+    """Everything one try produced, for the extensions (analysis, reconstruction) to look at.
+
+    ``labels`` and ``true_counts`` are the client's secrets: extensions use them
+    only to score, never to attack.
+    """
+
+    index: int
+    indices: torch.Tensor
+    labels: torch.Tensor
+    true_counts: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    shared: object
+    restorations: dict[str, object]
+    load_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class Extension:
+    """A per-try add-on to the experiment. ``key`` names its part of results.json."""
+
+    key = "extension"
+
+    def bind(self, run_dir: Path, writer=None) -> None:
+        """Called once before the first try with the run folder and the TensorBoard writer."""
+
+    def on_try(self, ctx: TryContext) -> dict | None:
+        return None
+
+    def summary(self) -> dict:
+        return {}
+
+    def table(self) -> str | None:
+        return None

@@ -1,0 +1,134 @@
+"""The package boundaries: attacks are algorithms only, and the project's imports form no circle."""
+
+import ast
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+PACKAGES = ("attacks", "experiment", "callbacks", "datamodules", "lightning_modules")
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict:
+    return {
+        module_name(path): path
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+    }
+
+
+def runtime_nodes(tree):
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks (annotations only, never run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            checking = isinstance(child, ast.If) and ast.unparse(child.test).endswith(
+                "TYPE_CHECKING"
+            )
+            stack.extend(child.orelse if checking else [child])
+
+
+def imported_names(module: str, path, tree) -> set[str]:
+    """Every name an import statement in ``tree`` refers to, relative imports resolved."""
+    names = set()
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    for node in runtime_nodes(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            names.add(source)
+            names.update(f"{source}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its body (deferred imports count too:
+    a circle through a function's import is still a circle)."""
+    modules = project_modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for name in imported_names(module, path, ast.parse(path.read_text())):
+            # ``from package import module`` names the module; ``from module import name`` the module
+            while name not in modules and "." in name:
+                name = name.rsplit(".", 1)[0]
+            if name in modules and name != module and not module.startswith(name + "."):
+                targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for target in sorted(graph[node]):
+            if cycle := visit(target):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        if cycle := visit(node):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_circle():
+    graph = import_graph()
+    # the graph sees the moved harness; an empty graph would pass vacuously
+    assert {"experiment.runner", "attacks.ilrg", "experiment.cli"} <= set(graph)
+    assert "experiment.runner" in graph["experiment.stages"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_find_cycle_reports_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_attacks_do_not_import_the_harness():
+    graph = import_graph()
+    harness = {m for m in graph if m.startswith("experiment.") and m != "experiment.errors"}
+    for module, targets in graph.items():
+        if module.split(".")[0] == "attacks":
+            assert not targets & harness, (module, targets & harness)
+            outside = {"lightning_modules", "callbacks", "datamodules"}
+            assert not {t for t in targets if t.split(".")[0] in outside}, module
+
+
+def test_import_attacks_pulls_no_lightning_and_no_option_code():
+    # A fresh interpreter: this test process has imported everything already.
+    code = (
+        "import sys\n"
+        "import attacks, attacks.defenses, attacks.local_update, attacks.reconstruction\n"
+        "import attacks.metrics, attacks.image_metrics, attacks.gradients\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('pytorch_lightning', 'lightning', 'lightning_modules', 'callbacks', 'datamodules'))\n"
+        "loaded += sorted(m for m in sys.modules if m.startswith('experiment.') "
+        "and m != 'experiment.errors')\n"
+        "print(' '.join(loaded))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
