@@ -51,9 +51,10 @@ from torch import nn
 
 from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
-from attacks.ilrg import ILRG, SKETCH_OVERSAMPLING
+from attacks.ilrg import ILRG
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
+from attacks.rlg import rounding_of, sketched_svd
 
 #: a direction whose singular value is below this many times the noise's largest is not resolved
 RESOLVED_RATIO = 8.0
@@ -103,20 +104,16 @@ def subspace(matrix: torch.Tensor, rank_bound: int, precision: float) -> Subspac
     The noise is the larger of the storage rounding and the first singular value
     past ``rank_bound`` (spread over the matrix's entries, as a random matrix's
     largest singular value is its entry size times sqrt(m) + sqrt(n)). A large
-    matrix is first sketched onto ``rank_bound + SKETCH_OVERSAMPLING`` random
-    combinations of its rows' columns (iLRG's sketch): its rank is at most the
-    bound, so the sketch holds its whole column space and the SVD costs
-    C x d x (K + 10) instead of C x d x min(C, d).
+    matrix goes through RLG's randomized range finder (``rlg.sketched_svd``): its
+    rank is at most the bound, so the K + 10 sketched directions hold it and the
+    SVD costs C x d x (K + 10) instead of C x d x min(C, d).
     """
     rows, cols = matrix.shape
-    width = rank_bound + SKETCH_OVERSAMPLING
-    if min(rows, cols) > width:
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(cols, width, dtype=matrix.dtype, generator=generator)
-        columns = torch.linalg.qr(matrix @ probe)[0]
-        _, s, vh = torch.linalg.svd(columns.T @ matrix, full_matrices=False)
-    else:
+    sketched = sketched_svd(matrix, rank_bound)
+    if sketched is None:
         _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    else:
+        _, s, vh = sketched
     scale = math.sqrt(rows) + math.sqrt(cols)
     noise = rounding_noise(matrix, precision)
     if rank_bound < s.numel():
@@ -212,16 +209,17 @@ def refine(
     """
     q = space.basis
     c = q.T @ vertex
-    zero = (vertex.abs() <= float(space.tolerance(c[:, None])[0])) & live
+    tolerance = float(space.tolerance(c[:, None])[0])
+    zero = (vertex.abs() <= tolerance) & live
     zero[-1] = False
     count = int(zero.sum())
     spread = math.sqrt(int(live.sum()))
-    error = float(space.tolerance(c[:, None])[0]) * spread
+    error = tolerance * spread
     if count < q.shape[1] - 1:
         return vertex, count, error
     null = torch.linalg.svd(q[zero])[2][-1]
     refined = q @ null
-    tolerance = float(space.tolerance(null[:, None])[0])
+    tolerance = float(space.tolerance(null[:, None])[0])  # the refined vector's own
     if refined[-1].abs() <= tolerance:
         return vertex, count, error
     return refined / refined[-1], count, tolerance * spread / float(refined[-1].abs())
@@ -241,7 +239,7 @@ def hidden_layer(model: nn.Module, classifier: nn.Module) -> tuple[str, nn.Linea
     before = [leaf for leaf in leaves[:position] if not isinstance(leaf[1], PASS_THROUGH)]
     if len(before) < 2 or type(before[-1][1]) is not nn.ReLU:
         return None
-    name, layer = before[-1 - 1]
+    name, layer = before[-2]
     if not isinstance(layer, nn.Linear) or layer.bias is None:
         return None
     return name, layer
@@ -479,6 +477,25 @@ def batch_inputs(
     return torch.stack(found)
 
 
+def search(gradient, samples, num_images, precision, generator, judge) -> tuple:
+    """``ROUNDS`` rounds of candidates from a layer's gradient, each judged by ``judge(residual,
+    candidate inputs, room)`` -> (samples, residual). A sample whose vertex a round missed is
+    still in what the samples found leave of the gradient, in a space with fewer others."""
+    residual = gradient
+    for _ in range(ROUNDS):
+        room = num_images - len(samples)
+        if room == 0:
+            break
+        inputs = batch_inputs(residual, room, precision, generator)
+        if inputs.shape[0] == 0:
+            break
+        more, residual = judge(residual, inputs, room)
+        if len(more) == 0:
+            break
+        samples = samples.extended(more)
+    return samples, residual
+
+
 @register_attack("decompose")
 class Decompose:
     """Per-sample labels from the gradient's rank-one terms; iLRG for the samples it cannot separate."""
@@ -511,7 +528,7 @@ class Decompose:
         num_images, num_classes = shared.num_images, shared.num_classes
         # The programmes' directions are random; seeded per call: one gradient, one answer.
         generator = torch.Generator().manual_seed(self.seed)
-        precision = torch.finfo(shared.weight_grad.dtype).eps
+        precision = rounding_of(shared.weight_grad)
         gradient = stacked(shared.weight_grad, shared.bias_grad)
         weight, bias = (t.detach().to("cpu", torch.float64) for t in (shared.weight, shared.bias))
         samples = Samples.none(gradient.shape[1], num_classes)
@@ -521,19 +538,18 @@ class Decompose:
         # (p_y = 1 - 1e-9 is 1 in float32).
         floor = 2 * precision * math.sqrt(num_classes)
         residual = gradient
-        for _ in range(ROUNDS if num_images < num_classes else 0):
-            # The classifier's own gradient has rank K only while K < C. Later rounds search
-            # what the samples found leave of it (see ``_hidden_route``).
-            limit = num_images - len(samples)
-            embeddings = batch_inputs(residual, limit, precision, generator)
-            if limit == 0 or embeddings.shape[0] == 0:
-                break
-            more, residual = self._take(
-                residual, embeddings, weight, bias, num_images, limit, floor
+        if num_images < num_classes:
+            # The classifier's own gradient has rank K only while K < C.
+            samples, residual = search(
+                gradient,
+                samples,
+                num_images,
+                precision,
+                generator,
+                lambda rest, embeddings, room: self._take(
+                    rest, embeddings, weight, bias, num_images, room, floor
+                ),
             )
-            if len(more) == 0:
-                break
-            samples = samples.extended(more)
         if len(samples) < num_images:
             hidden = self._hidden_route(shared, precision, generator, weight, bias, floor)
             if hidden is not None and num_images < num_classes:
@@ -585,33 +601,26 @@ class Decompose:
         # The hidden layer's g is W^T (p - y) on the active units: the client's rounding of
         # p - y reaches it stretched by at most W's norm.
         stretch = float(torch.linalg.matrix_norm(weight, ord=2))
-        samples = Samples.none(weight.shape[1] + 1, weight.shape[0])
-        residual = hidden
-        for _ in range(ROUNDS):
-            # A sample whose vertex the first search missed is still in what the samples
-            # found leave of the gradient, now in a space of its own with fewer others.
-            limit = shared.num_images - len(samples)
-            inputs = batch_inputs(residual, limit, precision, generator)
-            if limit == 0 or inputs.shape[0] == 0:
-                break
+
+        def judge(rest, inputs, room):
             pre = inputs[:, :-1] @ hidden_weight.T + hidden_bias
             active = (pre > 0).to(pre.dtype)
             outputs = pre * active
             embeddings = torch.cat([outputs, outputs.new_ones(outputs.shape[0], 1)], 1)
             probabilities = softmax_rows(outputs, weight, bias)
-            rows, labels, residual = identify(
-                residual,
+            rows, labels, rest = identify(
+                rest,
                 inputs,
                 probabilities,
                 shared.num_images,
-                limit,
+                room,
                 floor * stretch,
                 (weight, active),
             )
-            if rows.numel() == 0:
-                break
-            samples = samples.extended(Samples(embeddings[rows], probabilities[rows], labels))
-        return samples
+            return Samples(embeddings[rows], probabilities[rows], labels), rest
+
+        empty = Samples.none(weight.shape[1] + 1, weight.shape[0])
+        return search(hidden, empty, shared.num_images, precision, generator, judge)[0]
 
     def _complete(self, shared, gradient, samples: Samples) -> Restoration:
         """The separated samples' labels, plus iLRG's counts for the rest of the batch on the

@@ -94,30 +94,46 @@ def _left_vectors_by_svd(matrix: torch.Tensor, num_images: int, eps: float) -> t
 
 
 def _leading_left_vectors(matrix: torch.Tensor, num_images: int, eps: float) -> torch.Tensor | None:
-    """The first K left singular vectors by a randomized range finder, or None where the full SVD is due.
+    """The first K left singular vectors by ``sketched_svd``, or None where the full SVD is due.
+
+    Approximate singular values never exceed the true ones, so sigma_K above the
+    rank tolerance proves rank >= K; otherwise (a batch of repeated images, say)
+    the rank needs the full SVD.
+    """
+    sketched = sketched_svd(matrix, num_images)
+    if sketched is None:
+        return None
+    left, singular, _ = sketched
+    rows, cols = matrix.shape
+    if not float(singular[num_images - 1]) > rank_tolerance(float(singular[0]), (rows, cols), eps):
+        return None
+    return left[:, :num_images]
+
+
+def sketched_svd(
+    matrix: torch.Tensor, rank_bound: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The SVD of ``matrix`` restricted to its leading K + 10 directions, by a randomized range
+    finder; None where the matrix is too small for a sketch to pay (then take the full SVD).
 
     A random sketch of K + 10 columns, one power iteration and an SVD of the
     (K + 10) x d projection: the span of the first K vectors is exact up to
-    (sigma_{K+11} / sigma_K)^3 (the float32 rounding of the gradient puts
-    sigma_{K+1} about 1e-4 below sigma_K). Approximate singular values never
-    exceed the true ones, so sigma_K above the rank tolerance proves rank >= K;
-    otherwise (a batch of repeated images, say) the rank needs the full SVD.
+    (sigma_{K+11} / sigma_K)^3 (the float32 rounding of a gradient of rank K puts
+    sigma_{K+1} about 1e-4 below sigma_K). Returns (U, S, V^T) of K + 10 terms.
     """
     rows, cols = matrix.shape
-    width = num_images + SKETCH_OVERSAMPLING
+    width = rank_bound + SKETCH_OVERSAMPLING
     if 4 * width > min(rows, cols):
         return None
     generator = torch.Generator(device=matrix.device).manual_seed(0)
     sketch = torch.randn(width, cols, generator=generator, dtype=matrix.dtype, device=matrix.device)
     # Products kept as (width x n) @ (n x m), MKL's fast layout for thin factors (A^T B with
-    # a thin B is up to ten times slower): each line is one product with grad_W.
-    basis = torch.linalg.qr((sketch @ matrix.T).T).Q  # range of grad_W ...
+    # a thin B is up to ten times slower): each line is one product with the matrix.
+    basis = torch.linalg.qr((sketch @ matrix.T).T).Q  # range of the matrix ...
     basis = torch.linalg.qr((basis.T @ matrix).T).Q  # ... one power iteration ...
     basis = torch.linalg.qr((basis.T @ matrix.T).T).Q
-    left, singular, _ = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    if not float(singular[num_images - 1]) > rank_tolerance(float(singular[0]), (rows, cols), eps):
-        return None
-    return basis @ left[:, :num_images]
+    left, singular, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ left, singular, right_t
 
 
 def separable(rows: np.ndarray, c: int) -> bool:
