@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,8 +30,13 @@ def _main(argv: list[str] | None) -> int:
     config = parse_args(parser, argv)
     from experiment import runner, stages, victims
     from experiment.errors import UserError
-    from experiment.logs import open_run
-    from experiment.runs import check_output_dir, check_output_file
+    from experiment.logs import open_run, quiet_console
+    from experiment.runs import (
+        RUN_DIR_VARIABLE,
+        check_output_dir,
+        check_output_file,
+        is_primary_process,
+    )
 
     try:
         # Before any work: a run must not end by failing to save what it did.
@@ -42,18 +48,36 @@ def _main(argv: list[str] | None) -> int:
     except UserError as err:
         print(f"attack.py: error: {err}", file=sys.stderr)
         return 2
-    with open_run(config.log_dir, config.exp_name, "attack") as (run_dir, writer):
-        if setup.datamodule.is_synthetic:
-            logging.getLogger("attack").info(
-                "data: %s is SYNTHETIC (generated in memory, no files read); use --dataset MNIST_GRAY/CIFAR100/ImageNet "
-                "with --data_root for real data",
-                setup.datamodule.name,
-            )
+    if not is_primary_process():
+        # A process Lightning started for --devices > 1: it runs its share of the tries and
+        # says only what goes wrong; the first process writes the run folder.
+        folder = os.environ.get(RUN_DIR_VARIABLE)
+        quiet_console("attack")
+        return _run(config, setup, Path(folder) if folder else None)
+    with open_run(config.log_dir, config.exp_name, "attack") as (run_dir, logger):
+        # The processes Lightning starts run this command again and save into this folder.
+        os.environ[RUN_DIR_VARIABLE] = str(run_dir)
         try:
-            (stages.run_sweep if config.checkpoints else runner.run)(setup, run_dir, writer)
-        except UserError as err:
-            print(f"attack.py: error: {err}", file=sys.stderr)
-            return 2
+            if setup.datamodule.is_synthetic:
+                logging.getLogger("attack").info(
+                    "data: %s is SYNTHETIC (generated in memory, no files read); use --dataset "
+                    "MNIST_GRAY/CIFAR100/ImageNet with --data_root for real data",
+                    setup.datamodule.name,
+                )
+            return _run(config, setup, run_dir, logger)
+        finally:
+            os.environ.pop(RUN_DIR_VARIABLE, None)
+
+
+def _run(config, setup, run_dir: Path | None, logger=None) -> int:
+    from experiment import runner, stages
+    from experiment.errors import UserError
+
+    try:
+        (stages.run_sweep if config.checkpoints else runner.run)(setup, run_dir, logger)
+    except UserError as err:
+        print(f"attack.py: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

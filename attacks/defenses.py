@@ -16,8 +16,8 @@ values are distinct; ties are broken by position, so the count never depends on 
 
 :func:`build_defense` turns the options into one callable ``defense(grads, model, load_chunks)``
 (``load_chunks()`` yields the client's (images, labels) chunks on the device). Its noise comes
-from a CPU generator seeded with the run seed, so the same command gives the same noise on any
-device.
+from a CPU generator (its own, seeded with the run seed, or the one passed per call: the attack
+experiment's per-try stream), so the same command gives the same noise on any device.
 """
 
 from __future__ import annotations
@@ -330,9 +330,17 @@ class Defense:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, grads: Grads, model: nn.Module, load_chunks: Callable[[], Chunks]) -> Grads:
+    def __call__(
+        self,
+        grads: Grads,
+        model: nn.Module,
+        load_chunks: Callable[[], Chunks],
+        generator: torch.Generator | None = None,
+    ) -> Grads:
+        """``generator`` (a CPU one) replaces the defense's own stream, which is seeded once
+        and consumed call after call: the attack experiment gives each try its own."""
         return self.method.apply(
-            grads, self.value, DefenseInputs(model, load_chunks, self.generator)
+            grads, self.value, DefenseInputs(model, load_chunks, generator or self.generator)
         )
 
     def describe(self) -> dict:

@@ -187,6 +187,7 @@ class ErrorAnalysis(Extension):
         self.ratio = ratio
         self.per_try: list[dict[str, float]] = []
         self.writer = None
+        self.logged: set[int] = set()
 
     def bind(self, run_dir, writer=None) -> None:
         self.writer = writer
@@ -212,11 +213,22 @@ class ErrorAnalysis(Extension):
         )
         values = {name: trimmed_mean(per_class, self.ratio) for name, per_class in errors.items()}
         self.per_try.append(values)
-        if self.writer is not None:
-            for name, value in values.items():
-                if math.isfinite(value):
-                    self.writer.add_scalar(f"analysis/{name}", value, ctx.index)
+        self._log(ctx.index, values)
         return values
+
+    def _log(self, index: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if math.isfinite(value):
+                self.writer.add_scalar(f"analysis/{name}", value, index)
+        self.logged.add(index)
+
+    def collect(self, entries) -> None:
+        self.per_try = [values for _, values in entries if values is not None]
+        for index, values in entries:
+            if values is not None and index not in self.logged:
+                self._log(index, values)
 
     def _column(self, name: str) -> torch.Tensor:
         return torch.tensor([values[name] for values in self.per_try], dtype=torch.float64)
@@ -273,6 +285,16 @@ class CustomClassCounts(Extension):
                 entry[method] = restoration.counts.to(index.device)[index].tolist()
                 self.restored.setdefault(method, []).append(entry[method])
         return entry
+
+    def collect(self, entries) -> None:
+        self.true, self.restored = [], {}
+        for _, entry in entries:
+            if entry is None:
+                continue
+            self.true.append(entry["true"])
+            for method, counts in entry.items():
+                if method != "true":
+                    self.restored.setdefault(method, []).append(counts)
 
     @staticmethod
     def _mean(rows: list[list[int]]) -> list[float]:

@@ -54,7 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to compute",
     )
     run.add_argument(
-        "--devices", type=positive_int, default=1, help="number of devices; attacks run on one (1)"
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="processes (one per device) the tries are spread over; each try runs on one",
+    )
+    run.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "ddp"],
+        help="how the processes of --devices > 1 start: Lightning's ddp (auto: the same), each "
+        "process runs attack.py again",
+    )
+    run.add_argument(
+        "--num_nodes",
+        type=positive_int,
+        default=1,
+        help="machines, each with --devices processes (start attack.py on each, as for train.py)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 

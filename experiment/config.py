@@ -25,6 +25,8 @@ class AttackConfig:
     results: str | None = None
     accelerator: str = "auto"
     devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
     quiet: bool = False
 
     # data and batch composition

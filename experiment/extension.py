@@ -38,6 +38,11 @@ class Extension:
     def on_try(self, ctx: TryContext) -> dict | None:
         return None
 
+    def collect(self, entries: list[tuple[int, dict | None]]) -> None:
+        """Called once after the last try with every try's (index, entry) in index order,
+        also those other processes ran: the state ``summary`` and ``table`` read becomes
+        theirs. Per-try scalars of tries this process did not log go to the writer here."""
+
     def summary(self) -> dict:
         return {}
 

@@ -18,14 +18,38 @@ def _is_result(record: logging.LogRecord) -> bool:
     return getattr(record, "result", False)
 
 
+def run_logger(run_dir: Path):
+    """The Trainer's TensorBoard logger, writing into the run folder itself.
+
+    It stays open over several ``trainer.test`` calls and the summary written after
+    the last one: Lightning's finalize only flushes it, ``open_run`` closes it.
+    """
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    class RunLogger(TensorBoardLogger):
+        def finalize(self, status: str) -> None:
+            self.experiment.flush()
+
+        def save(self) -> None:
+            # No hparams.yaml: results.json records the configuration.
+            self.experiment.flush()
+
+    run_dir = Path(run_dir)
+    return RunLogger(
+        save_dir=str(run_dir.parent.parent),
+        name=run_dir.parent.name,
+        version=run_dir.name,
+        default_hp_metric=False,
+    )
+
+
 @contextmanager
 def open_run(log_dir: str, exp_name: str, logger_name: str):
-    """Create ``<log_dir>/<exp_name>/version_<n>``; log to ``run.log`` and the console; yield (dir, writer).
+    """Create ``<log_dir>/<exp_name>/version_<n>``; log to ``run.log`` and the console; yield
+    (dir, TensorBoard logger).
 
     On the console, records logged with ``extra=RESULT`` go to stdout and all others to stderr.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     run_dir = new_run_dir(log_dir, exp_name)
     logger = logging.getLogger(logger_name)
     logger.setLevel(logging.INFO)
@@ -41,12 +65,20 @@ def open_run(log_dir: str, exp_name: str, logger_name: str):
     logger.addHandler(console)
     logger.addHandler(results)
     logger.propagate = False
-    writer = SummaryWriter(log_dir=str(run_dir))
+    tensorboard = run_logger(run_dir)
     logger.info("run folder: %s", run_dir)
     try:
-        yield Path(run_dir), writer
+        yield Path(run_dir), tensorboard
     finally:
-        writer.close()
+        tensorboard.experiment.close()
         for handler in (file_handler, console, results):
             logger.removeHandler(handler)
             handler.close()
+
+
+def quiet_console(logger_name: str) -> None:
+    """Warnings and errors only, to stderr: a process that runs a share of another's run."""
+    logger = logging.getLogger(logger_name)
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(logging.StreamHandler(sys.stderr))
+    logger.propagate = False

@@ -64,6 +64,7 @@ class Reconstruction(Extension):
         self.run_dir: Path | None = None
         self.writer = None
         self.entries: list[dict] = []
+        self.logged: set[int] = set()
 
     @classmethod
     def from_setup(cls, setup) -> Reconstruction:
@@ -92,8 +93,9 @@ class Reconstruction(Extension):
             progress=not config.quiet,
         )
 
-    def bind(self, run_dir: Path, writer=None) -> None:
-        self.run_dir, self.writer = Path(run_dir), writer
+    def bind(self, run_dir: Path | None, writer=None) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.writer = writer
 
     def labels(self, ctx: TryContext) -> tuple[torch.Tensor | None, str]:
         """The labels to fix (None: optimise them) and where they came from."""
@@ -154,9 +156,7 @@ class Reconstruction(Extension):
             entry["soft_labels"] = self.config.soft_labels
         if self.save_image:
             entry["image"] = self._save(ctx.index, true, rebuilt[scores.order])
-        if self.writer is not None:
-            for name in ("PSNR", "SSIM", "loss"):
-                self.writer.add_scalar(f"reconstruction/{name}", entry[name], ctx.index)
+        self._log(ctx.index, entry)
         log.info(
             "reconstruction try %d (%s labels): PSNR %.2f dB, SSIM %.3f, loss %.4g after %d iterations",
             ctx.index,
@@ -181,6 +181,21 @@ class Reconstruction(Extension):
         path = self.run_dir / f"reconstruction_try{index}.png"
         save_image(grid, path)
         return path.name
+
+    def _log(self, index: int, entry: dict) -> None:
+        if self.writer is None:
+            return
+        for name in ("PSNR", "SSIM", "loss"):
+            self.writer.add_scalar(f"reconstruction/{name}", entry[name], index)
+        self.logged.add(index)
+
+    def collect(self, entries) -> None:
+        # The loss curves and image grids of tries another process ran are not in
+        # TensorBoard (only the first process writes there); their files and numbers are.
+        self.entries = [entry for _, entry in entries if entry is not None]
+        for index, entry in entries:
+            if entry is not None and index not in self.logged:
+                self._log(index, entry)
 
     def summary(self) -> dict:
         def mean(name):

@@ -25,7 +25,9 @@ class MethodScores:
     seconds: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self.metrics = metric_set(self.restores_counts, self.simplified)
+        # The experiment gathers every try to one process and scores them there, in index
+        # order: no process may wait for another to sync a metric.
+        self.metrics = metric_set(self.restores_counts, self.simplified, sync_on_compute=False)
         self.per_try = {name: [] for name in self.metrics}
 
     def update(

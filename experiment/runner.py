@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +25,17 @@ from attacks import (
     check_attack_name,
 )
 from attacks.defenses import describe_defense
-from attacks.gradients import batch_gradients, share
 from attacks.local_update import (
     LocalTraining,
-    LocalUpdate,
-    client_update,
-    end_weights,
 )
 from experiment.client_options import build_defense, build_local_training
 from experiment.config import AttackConfig
 from experiment.errors import UserError
-from experiment.extension import Extension, TryContext
+from experiment.extension import Extension
 from experiment.logs import RESULT
 from experiment.report import METRIC_NAMES, MethodScores, format_table
 from experiment.runs import write_json_atomic
+from experiment.trial import TryOutcome, composed_batches, log_try, new_scores
 
 log = logging.getLogger("attack")
 
@@ -210,10 +206,6 @@ def prepare(config: AttackConfig) -> Setup:
     # A trained victim brings its own dataset, model and network options.
     config, trained = resolve_victim(config)
     method_names(config)  # unknown names fail before any data is read
-    if config.devices != 1:
-        raise UserError(
-            f"attack.py runs each try on one device, got --devices {config.devices}; use train.py for multi-device runs"
-        )
     defense = build_defense(config, config.seed)
     local_training = build_local_training(config)
     num_classes, input_shape, _ = dataset_info(config.dataset)
@@ -242,7 +234,8 @@ def prepare(config: AttackConfig) -> Setup:
         # Every file the run will read is decoded now (a corrupt image is one line and exit 2
         # before the run folder exists), not when a try first meets it. The batches come
         # from the seed alone, so run() draws the very same ones again.
-        dataset.check_readable(torch.cat(list(draw_batches(config, dataset, num_classes))).unique())
+        batches = composed_batches(config, dataset, num_classes)
+        dataset.check_readable(torch.tensor(sorted({i for batch in batches for i in batch})))
     network = trained.network if trained else build_victim(config, num_classes, input_shape)
     model = network.to(device).eval()
     options = {
@@ -287,165 +280,62 @@ def prepare(config: AttackConfig) -> Setup:
     return setup
 
 
-def draw_batches(config: AttackConfig, dataset, num_classes: int):
-    """The indices of the ``num_tries`` batches, one at a time, from the seed alone
-    (the same for every stage of a sweep and for every pass over them)."""
-    from datamodules.composition import compose_batch
-
-    generator = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.num_tries):
-        yield compose_batch(
-            dataset.targets,
-            num_classes,
-            config.num_images,
-            config.distribution,
-            generator,
-            num_target_cls=config.num_target_cls,
-            num_uniform_cls=config.num_uniform_cls,
-        )
+def score(
+    setup: Setup, outcomes: list[TryOutcome], writer=None, logged: frozenset[int] = frozenset()
+) -> dict[str, MethodScores]:
+    """The methods' scores over ``outcomes``, taken in index order: the same sums in the
+    same order however many processes ran the tries. The per-try values of the tries
+    not in ``logged`` (those another process ran) go to TensorBoard now."""
+    scores = new_scores(setup)
+    for outcome in outcomes:
+        for name, method_scores in scores.items():
+            method_scores.seconds.append(outcome.seconds[name])
+            values = method_scores.update(outcome.scored[name], outcome.true_counts, outcome.known)
+            if writer is not None and outcome.index not in logged:
+                log_try(writer, name, values, outcome.index)
+    return scores
 
 
-def load_chunks(setup: Setup, indices: torch.Tensor):
-    """The batch, loaded and moved one ``max_size`` chunk at a time to bound memory."""
-    step = setup.config.max_size or indices.numel()
-    for start in range(0, indices.numel(), step):
-        images, labels = setup.dataset.load(indices[start : start + step])
-        yield images.to(setup.device, non_blocking=True), labels.to(setup.device, non_blocking=True)
-
-
-def method_record(restoration) -> dict:
-    """One method's answer in results.json: its counts (or present classes), and for a
-    per-sample attack how many samples it told apart and their labels."""
-    if restoration.counts is None:
-        return {"present": torch.nonzero(restoration.present).flatten().tolist()}
-    record = {"counts": restoration.counts.tolist()}
-    if restoration.sample_labels is not None:
-        record["separated"] = restoration.separated
-        record["sample_labels"] = sorted(restoration.sample_labels.tolist())
-    return record
-
-
-def client_gradients(
-    setup: Setup, indices: torch.Tensor, generator: torch.Generator
-) -> tuple[dict[str, torch.Tensor], int]:
-    """What the client shares as gradients, and its optimizer steps: one gradient of the batch
-    (FedSGD, 1 step), or its FedAvg update divided by lr x steps."""
-    config = setup.config
-    if setup.local_training is None:
-        return batch_gradients(setup.model, load_chunks(setup, indices), config.num_images), 1
-    # Local training revisits every sample each epoch: the whole batch is held at once.
-    images, labels = map(torch.cat, zip(*load_chunks(setup, indices)))
-    return client_update(setup.model, images, labels, setup.local_training, generator)
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
-def run(setup: Setup, run_dir: Path, writer=None) -> dict:
-    """Attack ``num_tries`` batches; write results.json (also when interrupted) and return it."""
-    from datamodules.composition import class_counts
+def run(setup: Setup, run_dir: Path | None, logger=None) -> dict | None:
+    """Attack ``num_tries`` batches on the Lightning Trainer; write results.json (also when
+    interrupted) and return it. ``logger``: a TensorBoardLogger for the per-try and summary
+    scalars, or None. Under several processes every one runs this and the first writes
+    and returns the results; the others return None."""
+    from experiment.attack_module import AttackExperiment, StopTries, run_tries
 
     config = setup.config
-    scores = {
-        name: MethodScores(attack.restores_counts, config.simplified)
-        for name, attack in setup.attacks.items()
-    }
-    tries: list[dict] = []
-    status = "complete"
-    failure = None
-    stopped_by = None
-    progress = _progress(config)
-    # The clients' shuffling of their local mini-batches, the same for every run of the seed.
-    client_generator = torch.Generator().manual_seed(config.seed)
-    for extension in setup.extensions:
-        extension.bind(run_dir, writer)
-    # Installed just before the try: a signal in between would skip writing results.json.
-    previous = {
-        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    writer = logger.experiment if logger is not None else None
+    module = AttackExperiment(setup, run_dir, writer)
+    status, failure, stopped_by = "complete", None, None
     try:
-        for index, indices in enumerate(draw_batches(config, setup.dataset, setup.num_classes)):
-            true_counts = class_counts(setup.dataset.targets, indices, setup.num_classes).to(
-                setup.device
-            )
-            grads, steps = client_gradients(setup, indices, client_generator)
-            if setup.defense is not None:
-                # Under FedAvg on the update as gradients: a defense's parameter means the same
-                # with and without local steps.
-                grads = setup.defense(
-                    grads, setup.model, lambda indices=indices: load_chunks(setup, indices)
-                )
-            known = true_counts > 0 if config.simplified else None
-            local_update = None
-            if setup.local_training is not None:
-                local_update = LocalUpdate(
-                    setup.local_training,
-                    steps,
-                    end_weights(setup.model, grads, setup.local_training, steps),
-                )
-            shared = share(
-                setup.model,
-                grads,
-                config.num_images,
-                known_classes=known,
-                local_update=local_update,
-            )
-            record = {"true_counts": true_counts.tolist(), "methods": {}}
-            if not all(
-                bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)
-            ):
-                # A diverged model or an extreme defense: the attacks still answer (their
-                # documented fallbacks), and the run reports how many tries this hit.
-                record["nonfinite_gradients"] = True
-            restorations = {}
-            for name, attack in setup.attacks.items():
-                started = time.perf_counter()
-                restoration = restorations[name] = attack(shared)
-                if setup.device.type == "cuda":
-                    torch.cuda.synchronize()
-                scores[name].seconds.append(time.perf_counter() - started)
-                values = scores[name].update(restoration, true_counts, known)
-                record["methods"][name] = method_record(restoration)
-                if writer is not None:
-                    for metric, value in values.items():
-                        writer.add_scalar(f"{name}/{metric}", value, index)
-            if setup.extensions:
-                ctx = TryContext(
-                    index=index,
-                    indices=indices,
-                    labels=setup.dataset.targets[indices].to(setup.device),
-                    true_counts=true_counts,
-                    grads=grads,
-                    shared=shared,
-                    restorations=restorations,
-                    load_chunks=lambda indices=indices: load_chunks(setup, indices),
-                )
-                for extension in setup.extensions:
-                    entry = extension.on_try(ctx)
-                    if entry is not None:
-                        record[extension.key] = entry
-            tries.append(record)
-            log.debug("try %d: %s", index, {n: s.per_try for n, s in scores.items()})
-            progress.update(1)
-    except KeyboardInterrupt as err:
-        status = "incomplete"
-        stopped_by = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+        run_tries(module, logger)
+    except StopTries as err:
+        status, stopped_by = "incomplete", Interrupted(err.signum)
+    except UserError as err:
+        # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
+        status, failure = "failed", str(err)
+    if not module.is_primary:
+        if stopped_by is not None:
+            raise stopped_by
+        if failure is not None:
+            raise UserError(failure)
+        return None
+    outcomes = module.collected()
+    if stopped_by is not None:
         log.warning(
             "interrupted (%s) after %d of %d tries; results.json is marked incomplete",
             signal.Signals(stopped_by.signum).name,
-            len(tries),
+            len(outcomes),
             config.num_tries,
         )
-    except UserError as err:
-        # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
-        status = "failed"
-        failure = str(err)
-    finally:
-        progress.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    results = build_results(setup, scores, tries, status)
+    scores = score(setup, outcomes, writer, module.logged)
+    records = [outcome.record for outcome in outcomes]
+    for extension in setup.extensions:
+        extension.collect([(o.index, o.record.get(extension.key)) for o in outcomes])
+    results = build_results(setup, scores, records, status, module.world_size)
+    if module.world_size > 1 and stopped_by is not None:
+        # The other processes' tries were lost with them: say which ones these are.
+        results["try_indices"] = [outcome.index for outcome in outcomes]
     if failure is not None:
         results["error"] = failure
     write_json_atomic(run_dir / "results.json", results)
@@ -456,7 +346,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
             for metric, value in summary.items():
                 writer.add_scalar(f"summary/{method}/{metric}", value, 0)
         writer.flush()
-    if tries:
+    if records:
         # The table is the run's result (stdout); a run that failed before its first try has none.
         log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores), extra=RESULT)
         for extension in setup.extensions:
@@ -466,7 +356,7 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
     affected = results["nonfinite_tries"]
     if affected:
         log.warning(
-            "%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(tries)
+            "%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(records)
         )
     if failure is not None:
         raise UserError(failure)
@@ -476,7 +366,11 @@ def run(setup: Setup, run_dir: Path, writer=None) -> dict:
 
 
 def build_results(
-    setup: Setup, scores: dict[str, MethodScores], tries: list[dict], status: str
+    setup: Setup,
+    scores: dict[str, MethodScores],
+    tries: list[dict],
+    status: str,
+    processes: int = 1,
 ) -> dict:
     summary, spread, seconds = {}, {}, {}
     for method, score in scores.items():
@@ -496,6 +390,7 @@ def build_results(
             "num_classes": setup.num_classes,
         },
         "device": str(setup.device),
+        "processes": processes,
         **setup.describe,
         "summary": summary,
         "std": spread,
@@ -503,9 +398,3 @@ def build_results(
         "tries": tries,
         **{extension.key: extension.summary() for extension in setup.extensions},
     }
-
-
-def _progress(config: AttackConfig):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.num_tries, desc="tries", unit="try", disable=config.quiet, leave=False)

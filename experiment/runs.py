@@ -126,3 +126,13 @@ def _probe(folder: Path, message: str) -> None:
         raise UserError(f"{message} ({err.strerror or type(err).__name__})") from None
     os.close(handle)
     os.unlink(probe)
+
+
+#: the run folder, set by the first process for those Lightning starts (they save files there)
+RUN_DIR_VARIABLE = "ILRG_ATTACK_RUN_DIR"
+
+
+def is_primary_process() -> bool:
+    """Is this the process that writes a multi-process run's results (global rank 0)? Read
+    from the variables Lightning and cluster launchers set, before any Trainer exists."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "NODE_RANK", "LOCAL_RANK"))

@@ -18,7 +18,7 @@ from experiment import runner
 from experiment.config import AttackConfig
 from experiment.errors import CheckpointError
 from experiment.logs import RESULT
-from experiment.runs import write_json_atomic
+from experiment.runs import is_primary_process, write_json_atomic
 from experiment.victims import missing_stages
 
 log = logging.getLogger("attack")
@@ -114,9 +114,13 @@ def prepare_sweep(config: AttackConfig) -> Sweep:
     return Sweep(config, stages, first)
 
 
-def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
-    """Attack every stage with the same batches; write the stage folders, stages.json and stages.png."""
+def run_sweep(sweep: Sweep, run_dir: Path | None, logger=None) -> dict | None:
+    """Attack every stage with the same batches; write the stage folders, stages.json and stages.png.
+
+    Under several processes each stage's tries are spread over them (``runner.run``); the
+    first process writes, the others return None."""
     done: list[dict] = []
+    writer = logger.experiment if logger is not None else None
     try:
         for stage in sweep.stages:
             setup = (
@@ -125,7 +129,9 @@ def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
                 else runner.prepare(stage_config(sweep.config, stage))
             )
             log.info("stage %s: %s", stage.label, stage.path)
-            results = runner.run(setup, run_dir / stage.label, writer=None)
+            results = runner.run(setup, run_dir / stage.label if run_dir is not None else None)
+            if results is None:
+                continue  # not the first process
             done.append(stage_record(stage, results, run_dir))
             if writer is not None:
                 for method, metrics in results["summary"].items():
@@ -134,8 +140,11 @@ def run_sweep(sweep: Sweep, run_dir: Path, writer=None) -> dict:
                             writer.add_scalar(f"stage/{method}/{metric}", value, stage.value)
                 writer.flush()
     except KeyboardInterrupt:
-        write_stages(sweep, done, "incomplete", run_dir)
+        if run_dir is not None and is_primary_process():
+            write_stages(sweep, done, "incomplete", run_dir)
         raise
+    if run_dir is None or not is_primary_process():
+        return None
     return write_stages(sweep, done, "complete", run_dir)
 
 

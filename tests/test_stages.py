@@ -295,3 +295,26 @@ def test_a_sweep_needs_stages_of_one_network(run_dir, tmp_path, capsys):
         tmp_path, capsys, "--checkpoints", str(tmp_path / "mixed" / "*.ckpt")
     )
     one_line_error(code, err, "matches both epoch and iteration stages; sweep one kind at a time")
+
+
+@pytest.mark.slow
+def test_sweep_over_two_ddp_processes_gives_the_one_process_sweep(run_dir, tmp_path):
+    pattern = str(run_dir / "ckpt" / "dnn_SYNTH_MNIST_Iter*.ckpt")
+    sweeps = {}
+    for name, extra in (("one", []), ("two", ["--accelerator", "cpu", "--devices", "2"])):
+        cmd = [sys.executable, "attack.py", "--checkpoints", pattern, "--num_images", "8"]
+        cmd += ["--num_tries", "3", "--log_dir", str(tmp_path / "logs"), "--exp_name", name]
+        cmd += ["--results", str(tmp_path / f"{name}.json"), "--quiet", *extra]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (folder,) = (tmp_path / "logs" / name).iterdir()
+        sweeps[name] = (json.loads((tmp_path / f"{name}.json").read_text()), folder)
+    (one, one_dir), (two, two_dir) = sweeps["one"], sweeps["two"]
+    assert two["stages"] == list(STAGES) and two["status"] == "complete"
+    assert [r["summary"] for r in two["results"]] == [r["summary"] for r in one["results"]]
+    assert [r["std"] for r in two["results"]] == [r["std"] for r in one["results"]]
+    for stage in STAGES:
+        label = f"Iter{stage}"
+        first = json.loads((one_dir / label / "results.json").read_text())
+        second = json.loads((two_dir / label / "results.json").read_text())
+        assert second["processes"] == 2 and second["tries"] == first["tries"]

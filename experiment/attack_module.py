@@ -1,0 +1,219 @@
+"""The attack experiment on the Lightning Trainer: one ``test_step`` is one try.
+
+The Trainer brings the devices, the processes (``--devices``, ``--strategy``,
+``--num_nodes``), the progress bar and the TensorBoard logger. The tries are a
+data set (``experiment.tries``); process r of W runs tries r, r + W, ..., each
+with randomness from its own index, and at the end the first process gathers
+every try's outcome and puts them in index order, so the summary is the one a
+single process computes, to the last bit.
+
+Only testing is run, so Lightning wraps nothing in DistributedDataParallel: the
+victim's gradients stay each process's own (a DDP wrapper would average them
+across processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ProgressBar
+from torch.utils.data import DataLoader
+
+from experiment.errors import UserError
+from experiment.runs import is_primary_process
+from experiment.tries import ShareOfTries, Tries
+
+log = logging.getLogger("attack")
+
+
+class StopTries(Exception):
+    """SIGINT/SIGTERM during the tries. Not a KeyboardInterrupt: Lightning answers one by
+    exiting the interpreter, and a stopped run still writes what its tries found."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _raise_stop(signum, _frame):
+    raise StopTries(signum)
+
+
+class TriesProgressBar(ProgressBar):
+    """The Trainer's progress bar for the tries: one bar, "tries", on the first process."""
+
+    def __init__(self):
+        super().__init__()
+        self._enabled = True
+        self.bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=pl_module.run_setup.config.num_tries,
+            desc="tries",
+            unit="try",
+            leave=False,
+            disable=not (self._enabled and trainer.is_global_zero),
+        )
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        # Each process knows only its own tries: the first counts its own, times the processes.
+        self.bar.update(min(trainer.world_size, self.bar.total - self.bar.n))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.bar.close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class AttackExperiment(pl.LightningModule):
+    """``trainer.test(AttackExperiment(setup))`` attacks the tries of this process's share.
+
+    The victim is a submodule, so the Trainer moves it to this process's device. Each
+    process keeps its ``outcomes``; :meth:`collected` gives the first one all of them in
+    index order.
+    """
+
+    def __init__(self, setup, run_dir=None, writer=None):
+        super().__init__()
+        # Not "setup": that name is a LightningModule hook.
+        self.run_setup = setup
+        #: where extensions save files (None: nowhere, as on another machine's processes)
+        self.run_dir = run_dir
+        self.victim = setup.model
+        self.writer = writer
+        self.outcomes: list = []
+        self.gathered: list | None = None
+        #: the tries whose per-try scalars this process logged as they came
+        self.logged: set[int] = set()
+        self.live_scores: dict = {}
+
+    @property
+    def is_primary(self) -> bool:
+        trainer = self._trainer
+        return trainer.is_global_zero if trainer is not None else is_primary_process()
+
+    @property
+    def world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def test_dataloader(self) -> DataLoader:
+        from experiment.trial import composed_batches
+
+        setup = self.run_setup
+        tries = Tries(composed_batches(setup.config, setup.dataset, setup.num_classes))
+        share = ShareOfTries(len(tries), self.global_rank, self.trainer.world_size)
+        # batch_size=None: an item is one whole try, not a sample to be batched.
+        return DataLoader(tries, batch_size=None, sampler=share)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # The batch's indices stay on the CPU (they index the data set); a try moves its
+        # images to the device itself, --max_size at a time.
+        return batch
+
+    def on_test_start(self) -> None:
+        from experiment.trial import new_scores
+
+        self.run_setup.device = self.device
+        self.live_scores = new_scores(self.run_setup)
+
+    def test_step(self, batch, batch_idx):
+        from experiment.trial import attack_try, log_try
+
+        index, indices = batch
+        # Lightning tests under no_grad; a try needs the victim's gradients.
+        with torch.enable_grad():
+            outcome = attack_try(self.run_setup, int(index), indices)
+        self.outcomes.append(outcome)
+        for name, scores in self.live_scores.items():
+            values = scores.update(outcome.scored[name], outcome.true_counts, outcome.known)
+            if self.writer is not None:
+                log_try(self.writer, name, values, outcome.index)
+        if self.writer is not None:
+            self.logged.add(outcome.index)
+        log.debug("try %d: %s", outcome.index, outcome.record["methods"])
+
+    def on_test_epoch_end(self) -> None:
+        if self.trainer.world_size == 1:
+            return
+        # Every process reaches this (the shares differ in length by at most one try, and
+        # nothing in a try waits for another process).
+        gathered = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, self.outcomes)
+        if self.trainer.is_global_zero:
+            self.gathered = [outcome for share in gathered for outcome in share]
+
+    def collected(self) -> list:
+        """Every try's outcome in index order (on the first process after a complete run;
+        after an interruption under several processes, only this process's own)."""
+        outcomes = self.gathered if self.gathered is not None else self.outcomes
+        return sorted(outcomes, key=lambda outcome: outcome.index)
+
+
+def build_trainer(config, logger=None) -> pl.Trainer:
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from lightning_modules.training import silence_lightning_noise
+
+    silence_lightning_noise()
+    # Lightning's notes on the hardware it found and chose go to its own logger at INFO;
+    # attack.py's console says what it did itself (warnings and errors stay).
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+    # One item is one try of K images, which the try loads itself: workers would only add
+    # a process per device.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        return pl.Trainer(
+            accelerator="gpu" if config.accelerator == "cuda" else config.accelerator,
+            devices=config.devices,
+            strategy=config.strategy,
+            num_nodes=config.num_nodes,
+            logger=logger if logger is not None else False,
+            callbacks=[TriesProgressBar()] if not config.quiet else [],
+            enable_progress_bar=not config.quiet,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            # Gradients are the point; Lightning would test under inference mode.
+            inference_mode=False,
+            # Tries are shared out by index (ShareOfTries), not by a DistributedSampler.
+            use_distributed_sampler=False,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        raise UserError(f"trainer options: {' '.join(str(err).split())}") from None
+
+
+def run_tries(module: AttackExperiment, logger=None) -> None:
+    """``trainer.test`` over this process's tries, with SIGINT/SIGTERM turned into StopTries
+    (the tries done so far stay in ``module.outcomes``)."""
+    config = module.run_setup.config
+    trainer = build_trainer(config, logger)
+    for extension in module.run_setup.extensions:
+        extension.bind(module.run_dir, module.writer)
+    # Installed just before the tries: a signal in between would skip writing results.json.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.test(module, verbose=False)
+    except BaseException:
+        launcher = trainer.strategy.launcher
+        if launcher is not None and hasattr(launcher, "kill"):
+            # The processes Lightning started would wait for this one at the gathering.
+            launcher.kill(signal.SIGKILL)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
