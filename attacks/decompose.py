@@ -115,7 +115,12 @@ def subspace(matrix: torch.Tensor, rank_bound: int, precision: float) -> Subspac
     else:
         _, s, vh = sketched
     scale = math.sqrt(rows) + math.sqrt(cols)
-    noise = rounding_noise(matrix, precision)
+    # The SVD's own rounding: a backward error of eps * s_1 in norm (LAPACK's, at the float64
+    # it works in), which may sit on a single entry. A float64 gradient's storage rounding of
+    # its rms entry is smaller than that, so its zeros were judged below the arithmetic's own
+    # error; beside a float32 gradient's rounding it is negligible.
+    working = torch.finfo(s.dtype).eps * float(s[0]) if s.numel() else 0.0
+    noise = max(rounding_noise(matrix, precision), working)
     if rank_bound < s.numel():
         noise = max(noise, float(s[rank_bound]) / scale)
     resolved = int((s[:rank_bound] > RESOLVED_RATIO * noise * scale).sum())
@@ -203,9 +208,11 @@ def refine(
     stands for vanishes on every coordinate that came out within tolerance of
     zero (far more than r - 1 of them where a ReLU left many zeros), and the
     space's vector closest to zero on all of them is that sample, to the
-    precision of the whole set. A vertex that is no sample (a corner of the
-    non-negative part that the samples' hull does not reach) has its r - 1 zeros
-    and, generically, no more.
+    precision of the whole set. Its zeros are counted again on that vector (the
+    solver's vertex is exact on its r - 1 active rows only, the others carry the
+    solver's own error), and the refinement repeats while they grow. A vertex
+    that is no sample (a corner of the non-negative part that the samples' hull
+    does not reach) has its r - 1 zeros and, generically, no more.
     """
     q = space.basis
     c = q.T @ vertex
@@ -217,12 +224,19 @@ def refine(
     error = tolerance * spread
     if count < q.shape[1] - 1:
         return vertex, count, error
-    null = torch.linalg.svd(q[zero])[2][-1]
-    refined = q @ null
-    tolerance = float(space.tolerance(null[:, None])[0])  # the refined vector's own
-    if refined[-1].abs() <= tolerance:
-        return vertex, count, error
-    return refined / refined[-1], count, tolerance * spread / float(refined[-1].abs())
+    while True:
+        null = torch.linalg.svd(q[zero])[2][-1]
+        refined = q @ null
+        tolerance = float(space.tolerance(null[:, None])[0])  # the refined vector's own
+        if refined[-1].abs() <= tolerance:
+            return vertex, count, error
+        vertex = refined / refined[-1]
+        error = tolerance * spread / float(refined[-1].abs())
+        more = (refined.abs() <= tolerance) & live
+        more[-1] = False
+        if int(more.sum()) <= count:
+            return vertex, count, error
+        zero, count = more, int(more.sum())
 
 
 def hidden_layer(model: nn.Module, classifier: nn.Module) -> tuple[str, nn.Linear] | None:
