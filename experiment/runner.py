@@ -211,6 +211,10 @@ def prepare(config: AttackConfig) -> Setup:
     num_classes, input_shape, _ = dataset_info(config.dataset)
     check_network_fits(config.model, tuple(input_shape), **network_options(config))
     device = choose_device(config.accelerator)
+    # Lightning's own checks of --devices/--strategy/--num_nodes, before anything is read.
+    from experiment.attack_module import build_trainer
+
+    build_trainer(config)
     datamodule = build_datamodule(
         config.dataset,
         data_root=config.data_root,
