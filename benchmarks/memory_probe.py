@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     step = args.max_size or max(args.images, 1)
 
     def chunks():
-        # Loaded one chunk at a time, as experiment.runner.load_chunks does.
+        # Loaded one chunk at a time, as experiment.trial.load_chunks does.
         for start in range(0, args.images, step):
             yield dataset.load(indices[start : start + step])
 

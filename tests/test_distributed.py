@@ -34,6 +34,8 @@ def test_two_ddp_processes_give_the_one_process_run_on_real_mnist(tmp_path, shar
     options += ["--train_partition", "val", "--num_images", "16", "--num_tries", "5"]
     options += ["--local_epochs", "2", "--local_batch_size", "8"]
     options += ["--defense", "--defense_method", "dp", "--noise_std", "1e-3"]
+    # and an extension, whose summary must cover the other process's tries too
+    options += ["--analysis"]
     one, _ = attack_process(tmp_path, "one", *options)
     two, proc = attack_process(
         tmp_path, "two", *options, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"
@@ -47,6 +49,7 @@ def test_two_ddp_processes_give_the_one_process_run_on_real_mnist(tmp_path, shar
         k: v for k, v in one.items() if k not in HOW_IT_RAN
     }
     assert "random" in two["summary"] and two["defense"]["method"] == "dp"
+    assert two["analysis"]["tries"] == 5 and len(two["tries"][1]["analysis"]) > 0
     assert two["config"]["devices"] == 2 and two["config"]["strategy"] == "ddp"
     # One run folder, written by the first process only; the second said nothing.
     (folder,) = (tmp_path / "logs" / "two").iterdir()
