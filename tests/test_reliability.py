@@ -12,7 +12,7 @@ import torch
 
 from experiment import runner
 from experiment.cli import build_parser
-from tests.conftest import REPO
+from tests.conftest import REPO, answer_ctrl_c
 
 
 def _comparable(results: dict) -> dict:
@@ -178,7 +178,12 @@ def test_interrupted_training_leaves_a_checkpoint_to_resume_from(tmp_path):
         ),
     ]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=answer_ctrl_c,
     )
     try:
         deadline = time.monotonic() + 300

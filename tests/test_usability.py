@@ -16,7 +16,7 @@ import pytest
 
 import attack
 import train
-from tests.conftest import REPO
+from tests.conftest import REPO, answer_ctrl_c
 
 # A proxy that refuses at once: nothing in these tests can download, with or without a network.
 NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
@@ -245,6 +245,7 @@ def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=answer_ctrl_c,
     )
     try:
         time.sleep(1.5)  # past the interpreter's own start, inside the imports and data loading
