@@ -213,22 +213,19 @@ class ErrorAnalysis(Extension):
         )
         values = {name: trimmed_mean(per_class, self.ratio) for name, per_class in errors.items()}
         self.per_try.append(values)
-        self._log(ctx.index, values)
+        self.log_entry(ctx.index, values)
         return values
 
-    def _log(self, index: int, values: dict[str, float]) -> None:
+    def log_entry(self, index: int, entry: dict[str, float]) -> None:
         if self.writer is None:
             return
-        for name, value in values.items():
+        for name, value in entry.items():
             if math.isfinite(value):
                 self.writer.add_scalar(f"analysis/{name}", value, index)
         self.logged.add(index)
 
-    def collect(self, entries) -> None:
-        self.per_try = [values for _, values in entries if values is not None]
-        for index, values in entries:
-            if values is not None and index not in self.logged:
-                self._log(index, values)
+    def restore(self, entries) -> None:
+        self.per_try = list(entries)
 
     def _column(self, name: str) -> torch.Tensor:
         return torch.tensor([values[name] for values in self.per_try], dtype=torch.float64)
@@ -286,11 +283,9 @@ class CustomClassCounts(Extension):
                 self.restored.setdefault(method, []).append(entry[method])
         return entry
 
-    def collect(self, entries) -> None:
+    def restore(self, entries) -> None:
         self.true, self.restored = [], {}
-        for _, entry in entries:
-            if entry is None:
-                continue
+        for entry in entries:
             self.true.append(entry["true"])
             for method, counts in entry.items():
                 if method != "true":

@@ -41,7 +41,19 @@ class Extension:
     def collect(self, entries: list[tuple[int, dict | None]]) -> None:
         """Called once after the last try with every try's (index, entry) in index order,
         also those other processes ran: the state ``summary`` and ``table`` read becomes
-        theirs. Per-try scalars of tries this process did not log go to the writer here."""
+        theirs (``restore``), and the tries this process did not log go to the writer
+        (``log_entry``; an extension records what it logged in ``logged``)."""
+        present = [(index, entry) for index, entry in entries if entry is not None]
+        self.restore([entry for _, entry in present])
+        for index, entry in present:
+            if index not in getattr(self, "logged", ()):
+                self.log_entry(index, entry)
+
+    def restore(self, entries: list[dict]) -> None:
+        """Make the per-try entries (index order) the state that ``summary`` reads."""
+
+    def log_entry(self, index: int, entry: dict) -> None:
+        """Write one try's per-try scalars to the writer, if there is one."""
 
     def summary(self) -> dict:
         return {}

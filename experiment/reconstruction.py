@@ -156,7 +156,7 @@ class Reconstruction(Extension):
             entry["soft_labels"] = self.config.soft_labels
         if self.save_image:
             entry["image"] = self._save(ctx.index, true, rebuilt[scores.order])
-        self._log(ctx.index, entry)
+        self.log_entry(ctx.index, entry)
         log.info(
             "reconstruction try %d (%s labels): PSNR %.2f dB, SSIM %.3f, loss %.4g after %d iterations",
             ctx.index,
@@ -182,20 +182,17 @@ class Reconstruction(Extension):
         save_image(grid, path)
         return path.name
 
-    def _log(self, index: int, entry: dict) -> None:
+    def log_entry(self, index: int, entry: dict) -> None:
         if self.writer is None:
             return
         for name in ("PSNR", "SSIM", "loss"):
             self.writer.add_scalar(f"reconstruction/{name}", entry[name], index)
         self.logged.add(index)
 
-    def collect(self, entries) -> None:
+    def restore(self, entries) -> None:
         # The loss curves and image grids of tries another process ran are not in
         # TensorBoard (only the first process writes there); their files and numbers are.
-        self.entries = [entry for _, entry in entries if entry is not None]
-        for index, entry in entries:
-            if entry is not None and index not in self.logged:
-                self._log(index, entry)
+        self.entries = list(entries)
 
     def summary(self) -> dict:
         def mean(name):

@@ -238,8 +238,9 @@ def prepare(config: AttackConfig) -> Setup:
         # Every file the run will read is decoded now (a corrupt image is one line and exit 2
         # before the run folder exists), not when a try first meets it. The batches come
         # from the seed alone, so run() draws the very same ones again.
-        batches = composed_batches(config, dataset, num_classes)
-        dataset.check_readable(torch.tensor(sorted({i for batch in batches for i in batch})))
+        dataset.check_readable(
+            torch.tensor(composed_batches(config, dataset, num_classes)).unique()
+        )
     network = trained.network if trained else build_victim(config, num_classes, input_shape)
     model = network.to(device).eval()
     options = {
