@@ -12,6 +12,7 @@ from attacks import (  # noqa: F401
     random_guess,
     rlg,
     rlu,
+    rlu_plus,
     zeros,
 )
 from attacks.auxiliary import AuxiliaryData

@@ -1,17 +1,17 @@
 """The server's auxiliary data: a few labelled samples per class, and what the model does on them.
 
-The auxiliary-data attacks (RLU, LLBG) assume the server holds a small labelled
-set from the task's distribution, never the client's batch. On it the server
-measures, for every true class j, the model's mean softmax output
+The auxiliary-data attacks (RLU, LLBG, RLU+) assume the server holds a small
+labelled set from the task's distribution, never the client's batch. On it the
+server measures, for every true class j, the model's mean softmax output
 E[p | y = j] (row j of ``probabilities``: its diagonal is the confidence, the
-rest the "erroneous confidence") and the mean of (p - onehot(j)) times the
-sample's embedding sum (row j of ``weighted_errors``). Both are expectations of
-exactly the per-sample terms that the last layer's gradient sums over the batch:
+rest the "erroneous confidence") and each sample's deviation from it. The mean
+is the expectation of exactly the per-sample term that the bias gradient sums
+over the batch:
 
-    K grad_b         = sum_n (p_n - y_n)             ~ sum_j k_j (P_j - e_j)
-    K grad_W.sum(1)  = sum_n (p_n - y_n) sum_i e_n,i ~ sum_j k_j B_j
+    K grad_b = sum_n (p_n - y_n) ~ sum_j k_j (P_j - e_j)
 
-so the counts k solve a linear system whose matrices come from the auxiliary data.
+so the counts k solve a linear system whose matrix comes from the auxiliary
+data. (RLU, as released, measures its own statistic: ``attacks.rlu``.)
 
 The statistics depend on the weights; an attack keeps the last ones with the
 version counters of the model's tensors and recomputes only after a weight
@@ -92,8 +92,6 @@ class ClassStatistics:
 
     #: row j: E[p | y = j]; the diagonal is the model's confidence on class j
     probabilities: torch.Tensor
-    #: row j: E[(p - onehot(j)) * sum_i e_i | y = j], the per-sample term of grad_W's row sums
-    weighted_errors: torch.Tensor
     #: samples per class that the means are over
     samples: torch.Tensor
     #: whether every auxiliary embedding is >= 0 (a ReLU before the layer), as row tests assume
@@ -125,51 +123,34 @@ def class_statistics(
     """Run the model on the auxiliary data and average the gradient's per-sample terms per class."""
     auxiliary.check_covers(num_classes)
     device = next(model.parameters()).device
-    errors, weighted = [], []
+    errors = []
     non_negative = True
     with evaluation_mode(model), torch.no_grad():
         for start in range(0, auxiliary.labels.numel(), AUX_BATCH):
             images = auxiliary.images[start : start + AUX_BATCH].to(device)
             labels = auxiliary.labels[start : start + AUX_BATCH]
             embeddings, logits = embed_and_forward(model, images, layer_name)
-            error, weighted_error = sample_terms(embeddings, logits, labels, num_classes)
+            errors.append(sample_errors(logits, labels, num_classes))
             non_negative = non_negative and bool((embeddings >= 0).all())
-            errors.append(error)
-            weighted.append(weighted_error)
-    return per_class(torch.cat(errors), torch.cat(weighted), auxiliary.labels, non_negative)
+    return per_class(torch.cat(errors), auxiliary.labels, non_negative)
 
 
-def sample_terms(
-    embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, its terms of K grad_b and K grad_W.sum(1): p - onehot(y), and that times sum_i e_i
-    (float64, on the CPU)."""
+def sample_errors(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per sample, its term of K grad_b: p - onehot(y) (float64, on the CPU)."""
     probabilities = torch.softmax(logits.detach().to(torch.float64), dim=1).cpu()
-    errors = probabilities - nn.functional.one_hot(labels.cpu(), num_classes)
-    embedding_sums = embeddings.detach().to(torch.float64).sum(dim=1).cpu()
-    return errors, errors * embedding_sums[:, None]
+    return probabilities - nn.functional.one_hot(labels.cpu(), num_classes)
 
 
-def per_class(
-    errors: torch.Tensor, weighted_errors: torch.Tensor, labels: torch.Tensor, non_negative: bool
-) -> ClassStatistics:
-    """The per-class means of the per-sample terms (N x C each), and each sample's deviation."""
+def per_class(errors: torch.Tensor, labels: torch.Tensor, non_negative: bool) -> ClassStatistics:
+    """The per-class means of the per-sample terms (N x C), and each sample's deviation."""
     num_classes = errors.shape[1]
     samples = torch.bincount(labels, minlength=num_classes)
     eye = torch.eye(num_classes, dtype=torch.float64)
     probability_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     probability_sums.index_add_(0, labels, errors + eye[labels])
-    error_sums = torch.zeros_like(probability_sums).index_add_(0, labels, weighted_errors)
     probabilities = probability_sums / samples[:, None]
     deviations = errors - (probabilities - eye)[labels]
-    return ClassStatistics(
-        probabilities,
-        error_sums / samples[:, None],
-        samples,
-        non_negative,
-        deviations,
-        labels.clone(),
-    )
+    return ClassStatistics(probabilities, samples, non_negative, deviations, labels.clone())
 
 
 def trajectory_statistics(
@@ -181,7 +162,7 @@ def trajectory_statistics(
     seed: int = 0,
     layer_name: str | None = None,
 ) -> ClassStatistics:
-    """RLU's multi-step extension: the per-sample terms averaged along a simulated local training.
+    """The per-sample terms averaged along a simulated local training (LLBG and RLU+ under FedAvg).
 
     Under FedAvg the shared bias "gradient" holds each sample's p - onehot(y)
     averaged over the E times its mini-batch was used, at weights the server never
@@ -203,7 +184,6 @@ def trajectory_statistics(
         math.ceil(clients * num_images / count)
     )
     error_sums = torch.zeros(count, num_classes, dtype=torch.float64)
-    weighted_sums = torch.zeros_like(error_sums)
     visits = torch.zeros(count, dtype=torch.float64)
     non_negative = True
     device = next(model.parameters()).device
@@ -213,22 +193,16 @@ def trajectory_statistics(
         def observe(indices, embeddings, logits, client=client, labels=labels):
             nonlocal non_negative
             indices = indices.cpu()
-            errors, weighted = sample_terms(embeddings, logits, labels[indices], num_classes)
+            errors = sample_errors(logits, labels[indices], num_classes)
             non_negative = non_negative and bool((embeddings >= 0).all())
             error_sums.index_add_(0, client[indices], errors)
-            weighted_sums.index_add_(0, client[indices], weighted)
             visits.index_add_(0, client[indices], torch.ones(indices.numel(), dtype=torch.float64))
 
         images = auxiliary.images[client].to(device, torch.float64)
         train_locally(
             local_copy(model), images, labels.to(device), training, generator, observe, layer_name
         )
-    return per_class(
-        error_sums / visits[:, None],
-        weighted_sums / visits[:, None],
-        auxiliary.labels,
-        non_negative,
-    )
+    return per_class(error_sums / visits[:, None], auxiliary.labels, non_negative)
 
 
 def weights_version(model: nn.Module) -> tuple:
@@ -242,11 +216,13 @@ class AuxiliaryAttack:
     """Base of the attacks that use the server's auxiliary data and the model (``shared.model``)."""
 
     restores_counts = True
+    #: an attack that can also run without the data (LLBG with an assumed confidence) says so
+    needs_auxiliary = True
 
     def __init__(
         self, auxiliary: AuxiliaryData | None, layer_name: str | None = None, seed: int = 0
     ):
-        if auxiliary is None:
+        if auxiliary is None and self.needs_auxiliary:
             raise UserError(
                 f"attack {self.name!r} needs auxiliary data (attack.py: --aux_split, --aux_per_class; "
                 "callback: auxiliary=)"

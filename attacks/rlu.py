@@ -1,214 +1,257 @@
-"""RLU (Chen & Vikalo, ICML 2024): label counts by least squares on the output layer's update.
+"""RLU (Chen & Vikalo, ICML 2024) as its authors' released code computes it.
 
-Each sample of class j adds p - onehot(j) to K grad_b, and that error times its
-embedding to K grad_W. Their expectations per class, measured on the server's
-auxiliary data (``attacks.auxiliary``), make the gradient a linear function of
-the counts; RLU solves it in the least-squares sense:
+Checked against CityChan/Recovering-Label-from-Update (``client/client_base.py``,
+``Client.RLU``; ``client/client_utils.py``). Each step below is that code's:
 
-    [ P^T - I ]        [ K grad_b        ]
-    [ s B^T   ]  k  =  [ s K grad_W.sum(1) ]      k >= 0,  sum(k) = K
+1. Statistic. The server runs the sent model on its auxiliary samples in
+   *train* mode (dropout on), in shuffled batches of the client's mini-batch
+   size B, and leaves out the last batch. For every class i, mu_i is the mean
+   logit of class i over the samples of the *other* classes (the mean of the
+   per-class means, each class weighted alike). The estimate uses softmax(mu),
+   one vector for the whole batch; the model's confidence in a sample's own
+   class never enters.
+2. Equation. Only the bias gradient: k_i is proportional to
+   max(0, rho * softmax(mu)_i - grad_b_i), normalised to the number of samples
+   and rounded class by class (half to even), so the counts need not sum to K.
+   The weight gradient enters only through O_d = mean_c grad_W[c, d] / grad_b[c],
+   whose squared norm drives the drift in step 4.
+3. Local steps. The released code's ``local_epochs`` m counts SGD steps, each on
+   a new mini-batch of B, and rho = mean over t < m of (1 - gamma^(m - t)) /
+   (1 - gamma), with gamma the learning-rate schedule's factor (its ``--gamma``,
+   default 0.1); rho = 1 for one step. This project's FedAvg client
+   (``attacks.local_update``) takes E passes over K samples: m is the step count
+   E x ceil(K / B), the released code's sample total B x m is the E x K sample
+   visits, and the final counts are normalised to the K samples (identical for
+   E = 1 with B dividing K, where B x m = K).
+4. Drift (m > 1). The first estimate uses softmax of mu at the client's end
+   weights (new_mu; the server has them: start minus the update). Then, at most
+   5 times: simulate the logits' drift from mu over m - 1 steps with the
+   current counts (each step moves every class's logit by
+   -lr x (softmax_i - n_i / B) x |O|^2, n_i the counts per step), compare the
+   last simulated logits with new_mu, move one step's worth of counts from the
+   class that overshoots most (among those holding at least that many) to the
+   one that undershoots most, and stop once no logit is off by 0.1. The final
+   counts use the mean softmax along the last simulation. With one step nothing
+   drifts and the answer is softmax of mu at the sent weights.
 
-with P the per-class mean softmax (confidence on the diagonal, erroneous
-confidence off it) and B the per-class mean error times the embedding sum. The
-bias rows need no assumption on the embeddings; the weight rows add C equations
-that weigh each sample by its embedding's size, which separates classes whose
-erroneous confidences look alike. ``s`` puts both blocks on one scale. The
-sum is held by a heavily weighted row of ones, the non-negativity by NNLS, and
-the real solution becomes counts summing to K by largest remainders.
-
-Where it fails: the statistics are means over held-out samples, and a model
-that fits its batch (train.py's FCN-3 after 250 iterations fits its training
-data with loss 0.004) is far more confident on it than on held-out data. Each
-memorised sample then adds 1e-6 to 1e-3 of the gradient where the auxiliary
-mean says 0.05, the few least-fitted samples decide the solution, and RLU
-scores below random guessing there (README, trained stages). ``RLU+`` below
-keeps RLU's statistics and fixes what they cannot carry.
-
-Under FedAvg (``shared.local_update``) the gradient is the mean over the
-client's local steps, taken at weights the server never sees. RLU's multi-step
-extension measures the statistics along a simulated local training of the
-auxiliary data instead of at the sent weights (``statistics_for`` of the base
-class, ``attacks.auxiliary.trajectory_statistics``); LLBG and RLU+ share it.
+The released loop compares the simulated logits with ``new_mu[m - 1]``, one
+class's entry (a scalar), not the vector new_mu; kept here, since that is what
+its published numbers come from. Where m > C that entry does not exist (the
+released code stops with an IndexError), and the comparison is with the vector.
+Two more places where the released code fails and this one does not: a class
+whose bias gradient is exactly zero makes O infinite (O is then the mean over
+the other classes), and an all-zero estimate divides by zero (every count 0).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
-from scipy.optimize import nnls
+from torch import nn
 
-from attacks.auxiliary import AuxiliaryAttack, AuxiliaryData
-from attacks.gradinversion import GradInversionLabels
-from attacks.ilrg import adjust_to_total
+from attacks.auxiliary import AuxiliaryAttack, AuxiliaryData, weights_version
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
-from attacks.rlg import rounding_of
+from attacks.rlu_plus import round_to_total
+from experiment.errors import UserError
 
-#: weight of the sum-to-K row beside the largest column of the system: enforced, not fitted
-SUM_ROW_WEIGHT = 1e3
-
-
-def round_to_total(values: torch.Tensor, total: int) -> torch.Tensor:
-    """Non-negative integers summing to ``total``, each within one of ``values``: the floors,
-    then iLRG's ``adjust_to_total`` (largest remainders; evenly where nothing is finite)."""
-    values = torch.nan_to_num(values.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    values = values.clamp_min(0)
-    return adjust_to_total(values, values.floor().long(), total)
+#: the released code's ``--gamma`` default (the learning-rate schedule's factor)
+GAMMA = 0.1
+#: the drift loop's limits in the released code: iterations, logit gap, classes skipped
+MAX_CORRECTIONS = 5
+LOGIT_TOLERANCE = 0.1
+MAX_SKIPS = 10
 
 
-def with_total(system: torch.Tensor, wanted: torch.Tensor, total: float):
-    """``system`` and ``wanted`` with a row of ones that holds the sum at ``total``.
+def step_weight(steps: int, gamma: float = GAMMA) -> float:
+    """rho: the mean over the m steps of (1 - gamma^(m - t)) / (1 - gamma), t = 0 .. m - 1."""
+    remaining = torch.arange(steps, 0, -1, dtype=torch.float64)
+    if gamma == 1.0:  # the limit of the geometric sum
+        return float(remaining.mean())
+    return float(((1 - gamma**remaining) / (1 - gamma)).mean())
 
-    Weighted far above every column, the row is enforced rather than fitted:
-    with the scale left free, a column near zero (a class the model is sure
-    of) would take any count at no cost.
+
+def proportions(shift: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
+    """v / sum(v) for v = max(0, shift - grad_b): each class's share of the samples (all 0 if v is)."""
+    values = (shift - bias_grad).clamp_min(0)
+    norm = float(values.sum())
+    if not (math.isfinite(norm) and norm > 0):
+        return torch.zeros_like(values)
+    return values / norm
+
+
+def proportional_counts(shift: torch.Tensor, bias_grad: torch.Tensor, total: int) -> torch.Tensor:
+    """round(total x share) per class, half to even, as float64: the sum may miss ``total``, and
+    the drift loop moves these counts (possibly below zero, as the released code does)."""
+    return torch.round(proportions(shift, bias_grad) * total)
+
+
+def other_class_logit_means(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """mu_i: the mean over classes j != i of the mean logit i of class j's samples (0 for none)."""
+    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    sums.index_add_(0, labels, logits.to(torch.float64))
+    samples = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    class_means = sums / samples.clamp_min(1)[:, None]  # row j: mean logits of class j
+    return (class_means.sum(dim=0) - class_means.diagonal()) / (num_classes - 1)
+
+
+def simulated_logits(
+    step_counts: torch.Tensor,
+    start: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    spread: float,
+) -> torch.Tensor:
+    """The released code's drift of mu over m steps (m x C): each step adds
+    -lr x (softmax(mu) - n / B) x |O|^2."""
+    shifts = [start]
+    for _ in range(steps - 1):
+        error = torch.softmax(shifts[-1], dim=0) - step_counts / batch_size
+        shifts.append(shifts[-1] - lr * error * spread)
+    return torch.stack(shifts)
+
+
+def corrected_probabilities(
+    visits: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    spread: float,
+) -> torch.Tensor:
+    """The released ``estimate_static_RLU_with_posterior``: the mean softmax along the drift
+    simulated with counts corrected until the last simulated logits meet ``end``.
+
+    ``visits``: the first estimate's counts over all E x K sample visits (changed here, as
+    the released code changes its list); ``start``/``end``: mu at the sent and end weights.
     """
-    weight = SUM_ROW_WEIGHT * float(system.abs().sum(dim=0).max().clamp_min(1e-300))
-    ones = torch.full((1, system.shape[1]), weight, dtype=torch.float64)
-    return torch.cat([system, ones]), torch.cat(
-        [wanted, torch.tensor([weight * total], dtype=torch.float64)]
+    # The released comparison is with one entry of new_mu; past the C entries there is none.
+    reference = end[steps - 1] if steps - 1 < end.numel() else end
+    for _ in range(MAX_CORRECTIONS):
+        shifts = simulated_logits(torch.round(visits / steps), start, steps, batch_size, lr, spread)
+        probabilities = torch.softmax(shifts, dim=1).mean(dim=0)
+        gap = shifts[steps - 1] - reference
+        over = torch.nonzero(gap >= 0).flatten()
+        under = torch.nonzero(~(gap >= 0)).flatten()
+        if over.numel() == 0 or under.numel() == 0:
+            break
+        over_gaps, under_gaps = gap[over].abs(), gap[under].abs()
+        largest = max(float(over_gaps.max()), float(under_gaps.max()))
+        # From the class that overshoots most, passing over (at most 10 times) those holding
+        # fewer than one count per step; the released code then takes the last one it tried.
+        pick = int(torch.argmax(over_gaps))
+        for _ in range(MAX_SKIPS):
+            if visits[over[pick]] >= steps:
+                break
+            over_gaps[pick] = 0
+            pick = int(torch.argmax(over_gaps))
+        visits[over[pick]] -= steps
+        visits[under[int(torch.argmax(under_gaps))]] += steps
+        if largest < LOGIT_TOLERANCE:
+            break
+    return probabilities
+
+
+def mean_embedding_direction(shared: SharedGradients) -> torch.Tensor:
+    """O_d = mean over classes c of grad_W[c, d] / grad_b[c], over the classes where it is finite."""
+    ratios = (
+        shared.weight_grad.detach().to(torch.float64).cpu()
+        / (shared.bias_grad.detach().to(torch.float64).cpu()[:, None])
     )
+    finite = torch.isfinite(ratios).all(dim=1)
+    if not bool(finite.any()):
+        return torch.zeros(ratios.shape[1], dtype=torch.float64)
+    return ratios[finite].mean(dim=0)
 
 
-def least_squares_counts(matrix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """argmin |matrix m - target| over m >= 0, in float64."""
-    # A diverged model (NaN outputs on the auxiliary data) or gradient leaves those entries
-    # without information: zeros, so the answer is still K labels.
-    matrix = torch.nan_to_num(matrix.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    target = torch.nan_to_num(target.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    solution, _ = nnls(matrix.cpu().numpy(), target.cpu().numpy(), maxiter=50 * matrix.shape[1])
-    return torch.from_numpy(solution)
+def model_at(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with the parameters in ``state`` (the client's end weights)."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in moved.named_parameters():
+            if name in state:
+                parameter.copy_(state[name])
+    return moved
 
 
 @register_attack("RLU")
 class RLU(AuxiliaryAttack):
-    """RLU's single-step estimate; ``use_weights=False`` keeps only the bias equations."""
+    """RLU as released: softmax of the other classes' mean logits against the bias gradient,
+    with the released drift correction over several local steps (module docstring)."""
 
-    def __init__(self, auxiliary: AuxiliaryData | None, use_weights: bool = True, **kw):
+    def __init__(self, auxiliary: AuxiliaryData | None, gamma: float = GAMMA, **kw):
         super().__init__(auxiliary, **kw)
-        self.use_weights = use_weights
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"RLU's gamma must be a finite number > 0, got {gamma}")
+        self.gamma = gamma
+        self._logit_means: tuple[tuple, torch.Tensor] | None = None
 
-    def system(self, shared: SharedGradients) -> tuple[torch.Tensor, torch.Tensor]:
-        """The linear system ``matrix k = target`` in the counts, from the auxiliary statistics."""
-        num_classes, num_images = shared.num_classes, shared.num_images
-        stats = self.statistics_for(shared)
-        bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
-        blocks = [stats.probabilities.T - torch.eye(num_classes, dtype=torch.float64)]
-        targets = [num_images * bias_grad]
-        if self.use_weights:
-            row_sums = shared.weight_grad.detach().to(torch.float64).sum(dim=1).cpu()
-            weights_block = stats.weighted_errors.T
-            # Equal say for both blocks: scale the weight rows to the bias rows' size.
-            scale = blocks[0].norm() / weights_block.norm().clamp_min(1e-300)
-            blocks.append(scale * weights_block)
-            targets.append(scale * num_images * torch.nan_to_num(row_sums))
-        return torch.nan_to_num(torch.cat(blocks)), torch.cat(targets)
+    def logit_means(self, model: nn.Module, num_classes: int, batch_size: int) -> torch.Tensor:
+        """mu at the model's weights, as the released ``estimate_static_RLU`` measures it.
 
-    def __call__(self, shared: SharedGradients) -> Restoration:
-        estimate = least_squares_counts(*with_total(*self.system(shared), shared.num_images))
-        counts = round_to_total(estimate, shared.num_images).to(shared.bias_grad.device)
-        return Restoration.from_counts(counts, counts)
-
-
-@register_attack("RLU+")
-class RLUGivenPresence(RLU):
-    """RLU given the classes the weight gradient shows present, weighing what the counts can explain.
-
-    This project's extension of RLU for models that fit their batch. Two things
-    change:
-
-    Presence. A sample the model fits with p_y = 0.9999 adds 1e-4 of its
-    class's bias gradient, less than the erroneous confidence other samples put
-    there, so the bias gradient's sign misses it. With non-negative embeddings
-    (a ReLU before the layer; checked on the auxiliary data) grad_W[c] still has
-    a negative entry only where a sample of class c contributes, however small
-    (GradInversion's row test). Every class so shown gets one label.
-
-    The other K - n labels (n present classes). Per class, the auxiliary data
-    gives not only the mean contribution of a sample to K grad_b but also its
-    spread. On a trained model that spread is heavy-tailed (most samples add
-    1e-6, a few 1e-2), so the gradient says little about how many samples a
-    class holds. The estimate is the maximum a posteriori one: the bias
-    equations whitened by the covariance of the sum of per-sample deviations
-    (as if each present class held K / n samples), plus the prior of K - n labels
-    drawn uniformly from the present classes (mean (K - n) / n, variance
-    (K - n)(1/n)(1 - 1/n) each). On an untrained model the spread is small and
-    the equations decide; on a memorised batch it is large and the prior does.
-    """
-
-    def __call__(self, shared: SharedGradients) -> Restoration:
-        num_classes, num_images = shared.num_classes, shared.num_images
-        present = self.present_classes(shared)
-        extra = torch.zeros(num_classes, dtype=torch.float64)
-        count = int(present.sum())
-        if 0 < count < num_images:
-            extra[present] = self.spread_remaining(shared, present)
-        counts = round_to_total(present.double() + extra, num_images)
-        return Restoration.from_counts(
-            counts.to(shared.bias_grad.device), counts.to(shared.bias_grad.device)
-        )
-
-    def spread_remaining(self, shared: SharedGradients, present: torch.Tensor) -> torch.Tensor:
-        """The K - n labels beyond one per present class, as real numbers >= 0 summing to K - n."""
-        num_classes, num_images = shared.num_classes, shared.num_images
-        stats = self.statistics_for(shared)
-        count = int(present.sum())
-        remaining = num_images - count
-        classes = torch.nonzero(present).flatten()
-        mean_errors = stats.probabilities.T - torch.eye(num_classes, dtype=torch.float64)
-        columns = torch.nan_to_num(mean_errors[:, classes])
-        bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
-        # After one label each: what the other labels have to explain.
-        residual = num_images * bias_grad - columns.sum(dim=1)
-        whitening = self.whitening(shared, stats, classes, num_images / count)
-        prior_mean = remaining / count
-        prior_std = max(math.sqrt(remaining * (1 / count) * (1 - 1 / count)), 1.0 / count)
-        system = torch.cat([whitening @ columns, torch.eye(count, dtype=torch.float64) / prior_std])
-        wanted = torch.cat(
-            [
-                whitening @ residual,
-                torch.full((count,), prior_mean / prior_std, dtype=torch.float64),
-            ]
-        )
-        return least_squares_counts(*with_total(system, wanted, remaining))
-
-    def whitening(
-        self, shared: SharedGradients, stats, classes: torch.Tensor, per_class: float
-    ) -> torch.Tensor:
-        """N^(-1/2) for N the covariance of K grad_b's deviation from its mean given the counts.
-
-        N = sum over present classes j of (K / n) Cov_j, Cov_j the covariance of
-        p - onehot(j) over the auxiliary samples of class j; its eigenvalues are
-        floored at the gradient's own rounding (K eps |grad_b|)^2, so that an
-        untrained model, where every sample of a class adds the same, is fitted
-        to the gradient's precision and not beyond.
+        A copy of the model runs in train mode on seeded shuffled batches of B, the last
+        batch left out; dropout draws from a seeded stream, so the global one is untouched.
         """
-        deviations = stats.deviations
-        rows = torch.isin(stats.labels, classes)
-        scale = torch.sqrt(per_class / stats.samples[stats.labels[rows]].double())
-        spread = deviations[rows] * scale[:, None]
-        covariance = torch.nan_to_num(spread.T @ spread)
-        bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
-        rounding = shared.num_images * rounding_of(shared.bias_grad) * float(bias_grad.abs().max())
-        values, vectors = torch.linalg.eigh(covariance)
-        # The rounding of the gradient, and float64's own resolution of this eigen-decomposition.
-        resolution = float(values.max().clamp_min(0)) * len(values) * torch.finfo(torch.float64).eps
-        floor = max(rounding**2, resolution, torch.finfo(torch.float64).tiny)
-        return vectors @ torch.diag(values.clamp_min(floor).rsqrt()) @ vectors.T
+        self.auxiliary.check_covers(num_classes)
+        count = self.auxiliary.labels.numel()
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(count, generator=generator)
+        kept = order[: (math.ceil(count / batch_size) - 1) * batch_size]
+        if kept.numel() == 0:
+            # One batch, left out: the released code averages nothing and every mean is 0.
+            return torch.zeros(num_classes, dtype=torch.float64)
+        copy_ = copy.deepcopy(model).train()
+        device = next(copy_.parameters()).device
+        logits = []
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(self.seed)
+            for batch in kept.split(batch_size):
+                images = self.auxiliary.images[batch].to(device)
+                logits.append(copy_(images).detach().to(torch.float64).cpu())
+        return other_class_logit_means(
+            torch.cat(logits), self.auxiliary.labels[kept].cpu(), num_classes
+        )
 
-    def present_classes(self, shared: SharedGradients) -> torch.Tensor:
-        num_images = shared.num_images
-        bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu(), nan=0.0)
-        stats = self.statistics_for(shared)
-        if stats.non_negative_embeddings:
-            present = GradInversionLabels()(shared).present.cpu()
-        else:
-            present = bias_grad < 0
-        if int(present.sum()) > num_images or not bool(present.any()):
-            # Noise (a defense) can make every row look present: keep the classes with the most
-            # negative bias gradients, as many as are negative, at least one, at most K.
-            keep = min(num_images, max(int((bias_grad < 0).sum()), 1))
-            present = torch.zeros_like(present)
-            present[torch.topk(bias_grad, keep, largest=False).indices] = True
-        return present
+    def sent_logit_means(self, model: nn.Module, num_classes: int, batch_size: int):
+        """mu at the sent weights: the same for every try of a run, so kept until a weight changes."""
+        key = (weights_version(model), num_classes, batch_size)
+        if self._logit_means is None or self._logit_means[0] != key:
+            self._logit_means = (key, self.logit_means(model, num_classes, batch_size))
+        return self._logit_means[1]
+
+    def __call__(self, shared: SharedGradients) -> Restoration:
+        if shared.model is None:
+            raise UserError(
+                f"attack {self.name!r} runs the model on the auxiliary data: share(...) the model too"
+            )
+        num_classes, num_images = shared.num_classes, shared.num_images
+        update = shared.local_update
+        steps = 1 if update is None else update.steps
+        batch_size = num_images if update is None else update.training.batch_for(num_images)
+        bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
+        start = self.sent_logit_means(shared.model, num_classes, batch_size)
+        rho = step_weight(steps, self.gamma)
+        probabilities = torch.softmax(start, dim=0)
+        if steps > 1:
+            end = self.logit_means(
+                model_at(shared.model, update.end_state), num_classes, batch_size
+            )
+            visits = num_images * update.training.epochs
+            first = proportional_counts(torch.softmax(end, dim=0) * rho, bias_grad, visits)
+            spread = float(mean_embedding_direction(shared).square().sum())
+            probabilities = corrected_probabilities(
+                first, start, end, steps, batch_size, update.training.lr, spread
+            )
+        shares = proportions(probabilities * rho, bias_grad)
+        counts = torch.round(shares * num_images).long()
+        # For use as labels: the same shares rounded to sum to K.
+        adjusted = round_to_total(shares * num_images, num_images)
+        device = shared.bias_grad.device
+        return Restoration.from_counts(counts.to(device), adjusted.to(device))

@@ -131,7 +131,7 @@ class LabelLeakageCallback(pl.Callback):
     ``attack_options``) restores the labels of the step's batch from the
     gradients of ``layer_name`` (default: ``classifier``, else the last
     ``nn.Linear`` of the LightningModule; it needs a bias). ``auxiliary`` is the
-    server's labelled data for RLU and LLBG: ``AuxiliaryData``, an
+    server's labelled data for RLU, LLBG and RLU+: ``AuxiliaryData``, an
     ``(images, labels)`` pair of tensors or a DataLoader of such batches, with
     every class in it. Every logger gets
     ``leakage/<attack>/<metric>`` at that global step: LeAcc, plus LnAcc, LnAcc+,

@@ -14,6 +14,7 @@ from experiment.options import (
     add_data_source_arguments,
     add_network_arguments,
     add_partition_arguments,
+    bounded_float,
     load_config,
     non_negative_float,
     positive_float,
@@ -114,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run the prior attacks iDLG, GI, RLG, LLG, bias, random and zeros, and RLU and LLBG "
-        "where there is auxiliary data (--no-compare: only --attacks)",
+        help="also run decompose, the prior attacks iDLG, GI, RLG, LLG, bias, random and zeros, and RLU, "
+        "LLBG and RLU+ where there is auxiliary data (LLBG also with --llbg_confidence) "
+        "(--no-compare: only --attacks)",
     )
     attack.add_argument(
         "--simplified",
@@ -156,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=10,
         help="auxiliary samples per class (fewer where the split has fewer)",
+    )
+    aux.add_argument(
+        "--llbg_confidence",
+        type=bounded_float(0, 1, high_open=True),
+        default=None,
+        metavar="CONF",
+        help="LLBG without auxiliary data: every class's confidence assumed CONF (the authors' "
+        "approx_avg_conf; 0 suits untrained models); default: measured on the auxiliary data",
     )
     add_local_training_arguments(parser)
     add_defense_arguments(parser)

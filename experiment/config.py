@@ -71,6 +71,7 @@ class AttackConfig:
     # auxiliary data
     aux_split: str = "auto"
     aux_per_class: int = 10
+    llbg_confidence: float | None = None
 
     # federated averaging
     local_epochs: int = 0

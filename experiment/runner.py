@@ -70,11 +70,18 @@ class Setup:
     local_training: LocalTraining | None = None
 
 
+def needing_auxiliary(config: AttackConfig) -> tuple[str, ...]:
+    """The auxiliary attacks that need the data: all but LLBG given ``--llbg_confidence``."""
+    assumed = () if config.llbg_confidence is None else ("LLBG",)
+    return tuple(name for name in AUXILIARY_ATTACKS if name not in assumed)
+
+
 def method_names(config: AttackConfig, auxiliary: bool = False) -> list[str]:
-    """``--attacks``, then with ``--compare`` decompose, the prior attacks and, given auxiliary
-    data, the auxiliary ones."""
+    """``--attacks``, then with ``--compare`` decompose, the prior attacks and the auxiliary
+    ones (without auxiliary data, those that can do without it)."""
     compared = list(PER_SAMPLE_ATTACKS) + list(PRIOR_ATTACKS)
-    compared += list(AUXILIARY_ATTACKS) if auxiliary else []
+    needed = needing_auxiliary(config)
+    compared += [name for name in AUXILIARY_ATTACKS if auxiliary or name not in needed]
     names = list(dict.fromkeys(config.attacks + (compared if config.compare else [])))
     for name in names:
         check_attack_name(name)
@@ -103,9 +110,11 @@ def victim_partition(config: AttackConfig, trained):
     return saved
 
 
-def left_out(reason: Exception) -> tuple[None, None]:
+def left_out(config: AttackConfig, reason: Exception) -> tuple[None, None]:
     """No auxiliary data where ``--aux_split auto`` found none fit: said, and the attacks left out."""
-    log.info("no auxiliary data (%s): %s are left out", reason, ", ".join(AUXILIARY_ATTACKS))
+    log.info(
+        "no auxiliary data (%s): %s are left out", reason, ", ".join(needing_auxiliary(config))
+    )
     return None, None
 
 
@@ -119,7 +128,8 @@ def auxiliary_data(config: AttackConfig, datamodule, attacked, partition, num_cl
     from datamodules.views import COUNTERPART, auxiliary_sample, data_view
     from experiment.errors import DataError
 
-    wanted = any(name in AUXILIARY_ATTACKS for name in config.attacks)
+    needed = needing_auxiliary(config)
+    wanted = any(name in needed for name in config.attacks)
     name = config.aux_split
     if name == "auto":
         name = COUNTERPART.get(config.split)
@@ -134,9 +144,9 @@ def auxiliary_data(config: AttackConfig, datamodule, attacked, partition, num_cl
         except DataError as err:
             if wanted:
                 raise UserError(
-                    f"no auxiliary data for {', '.join(a for a in config.attacks if a in AUXILIARY_ATTACKS)}: {err}"
+                    f"no auxiliary data for {', '.join(a for a in config.attacks if a in needed)}: {err}"
                 ) from None
-            return left_out(err)
+            return left_out(config, err)
     else:
         view = data_view(datamodule, name, partition)
     if view.overlaps(attacked):
@@ -153,7 +163,7 @@ def auxiliary_data(config: AttackConfig, datamodule, attacked, partition, num_cl
     except UserError as err:
         if config.aux_split != "auto" or wanted:
             raise
-        return left_out(err)
+        return left_out(config, err)
     per_class = torch.bincount(labels, minlength=num_classes)
     return auxiliary, {
         "split": name,
@@ -248,6 +258,7 @@ def prepare(config: AttackConfig) -> Setup:
         "estimate": config.estimate,
         "simplified": config.simplified,
         "norm_guard": config.norm_guard,
+        "llbg_confidence": config.llbg_confidence,
         "seed": config.seed,
         "auxiliary": auxiliary,
     }

@@ -1,4 +1,4 @@
-"""Honest metrics (Exact, LnAcc+, the zeros floor), RLU, LLBG, LLG's stage 2 and RLG's rank."""
+"""Honest metrics (Exact, LnAcc+, the zeros floor), RLU+, LLBG, LLG's stage 2 and RLG's rank."""
 
 import math
 
@@ -12,7 +12,7 @@ from attacks.gradients import batch_gradients, share
 from attacks.llg import impact_counts
 from attacks.metrics import metric_set
 from attacks.rlg import label_space
-from attacks.rlu import round_to_total
+from attacks.rlu_plus import round_to_total
 from experiment.errors import UserError
 from tests.helpers import labels_from_counts
 
@@ -85,14 +85,6 @@ def test_class_statistics_are_the_models_confidences():
     assert stats.probabilities[0, 3] == pytest.approx(0.1, rel=1e-5)
 
 
-@pytest.mark.parametrize("counts", [[3, 2, 1, 0], [0, 4, 0, 2], [1, 1, 5, 0]])
-def test_rlu_restores_exact_counts_when_the_auxiliary_statistics_are_the_batchs(counts):
-    model = confident_linear_model(GAPS)
-    shared = shared_batch(model, counts)
-    restoration = build_attack("RLU", auxiliary=auxiliary_one_per_class(4))(shared)
-    assert restoration.counts.tolist() == counts
-
-
 # LLBG ignores the erroneous confidence that other samples put on a present class; here it
 # all lands on the last class, so the batches leave that class out.
 @pytest.mark.parametrize("counts", [[3, 2, 1, 0], [0, 4, 2, 0], [1, 1, 5, 0]])
@@ -132,10 +124,29 @@ def test_llbg_restores_exact_counts_with_per_class_impacts(counts):
     assert build_attack("LLG")(shared).counts.tolist() != counts
 
 
+def test_llbg_with_an_assumed_confidence_needs_no_auxiliary_data():
+    """The authors' approx_avg_conf: every class's confidence one value, 0 by default there."""
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()  # every class 1/4 on every input: impact -(1 - 1/4) / K
+    counts = [3, 0, 2, 1]
+    shared = shared_batch(model, counts)
+    assert build_attack("LLBG", llbg_confidence=0.25)(shared).counts.tolist() == counts
+    # Assumed 0: each label's impact is -1/K instead of -(3/4)/K. grad_b = 1/4 - k/K =
+    # (-1/4, 1/4, -1/12, 1/12): stage 1 gives classes 0 and 2 a label (class 3's one sample
+    # leaves its gradient positive); stage 2 the other four, to 0, then 0, 2, 3 (tied at 1/12).
+    assert build_attack("LLBG", llbg_confidence=0.0)(shared).counts.tolist() == counts
+    with pytest.raises(
+        UserError, match=r"^LLBG's assumed confidence must be in \[0, 1\), got 1.0$"
+    ):
+        build_attack("LLBG", llbg_confidence=1.0)
+
+
 def test_statistics_follow_the_weights_and_leave_the_model_as_it_was():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4))
     model.train()
-    attack = build_attack("RLU", auxiliary=auxiliary_one_per_class(4))
+    attack = build_attack("LLBG", auxiliary=auxiliary_one_per_class(4))
     first = attack.statistics(model, 4)
     assert attack.statistics(model, 4) is first  # same weights: kept
     with torch.no_grad():

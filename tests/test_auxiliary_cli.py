@@ -126,3 +126,29 @@ def test_held_out_part_of_the_partition_is_the_default_auxiliary_data(tmp_path, 
         "samples": 30,
         "fewest_of_a_class": 3,
     }
+
+
+def test_llbg_with_an_assumed_confidence_runs_where_there_is_no_auxiliary_data(tmp_path, capsys):
+    # --split all has no held-out counterpart: RLU and RLU+ stay out, LLBG runs on its assumption.
+    code, results, err = attack_in_process(
+        tmp_path,
+        capsys,
+        *("--split", "all", "--num_images", "8", "--num_tries", "3", "--llbg_confidence", "0"),
+    )
+    assert code == 0, err
+    assert "LLBG" in results["summary"] and "auxiliary" not in results
+    assert not {"RLU", "RLU+"} & set(results["summary"])
+    assert results["config"]["llbg_confidence"] == 0.0
+    # Untrained FCN-3 at K = 8: every count restored (measured 3 of 3).
+    assert results["summary"]["LLBG"]["Exact"] == 1.0
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_llbg_confidence_outside_zero_to_one_is_refused(tmp_path, capsys, value):
+    from tests.test_stages import one_line_error
+
+    code, results, err = attack_in_process(tmp_path, capsys, "--llbg_confidence", value)
+    one_line_error(
+        code, err, f"argument --llbg_confidence: must be a finite number >= 0 and < 1, got {value}"
+    )
+    assert results is None

@@ -87,9 +87,10 @@ def test_training_is_the_same_with_and_without_the_callback(tmp_path):
 
 def test_auxiliary_attacks_follow_the_training_and_need_every_class(tmp_path):
     # Every input is one shared vector: each auxiliary sample is what every batch sample is,
-    # so RLU's statistics are the batch's own at every step and its counts are exact.
+    # so RLU's mean logits are the batch's own at every step and its counts are exact. Ten
+    # per class: RLU leaves out its last batch of K, and every class keeps samples.
     data = labelled_data(num_samples=64)
-    auxiliary = (data.tensors[0][:10], torch.arange(10))
+    auxiliary = (data.tensors[0][:1].repeat(100, 1), torch.arange(10).repeat(10))
     callback = LabelLeakageCallback(attacks=("RLU", "LLBG", "RLU+"), auxiliary=auxiliary)
     _, logger = fit(callback, tmp_path, data=data, max_steps=3)
     logged = scalars(logger.log_dir)
