@@ -192,7 +192,7 @@ def test_one_local_epoch_of_the_whole_batch_restores_what_fedsgd_does(
 
 
 def test_untrained_fcn3_after_five_local_epochs_keeps_its_labels(tmp_path, capsys, shared_data):
-    """The issue's target: K = 32, B = 8, E = 5, best method IRec >= 0.9 (README: RLU 1.000)."""
+    """The issue's target: K = 32, B = 8, E = 5, best method IRec >= 0.9 (README: RLU+ 1.000)."""
     results = fedavg_run(
         tmp_path,
         capsys,
