@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 #: samples per forward pass over the auxiliary set: bounds memory, not results
 AUX_BATCH = 256
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -216,13 +217,21 @@ class AuxiliaryAttack:
     """Base of the attacks that use the server's auxiliary data and the model (``shared.model``)."""
 
     restores_counts = True
-    #: an attack that can also run without the data (LLBG with an assumed confidence) says so
-    needs_auxiliary = True
+
+    @classmethod
+    def needs_auxiliary(cls, **options) -> bool:
+        """Whether the attack built with these options reads the auxiliary data (an attack that
+        can do without, LLBG with an assumed confidence, says when)."""
+        return True
 
     def __init__(
-        self, auxiliary: AuxiliaryData | None, layer_name: str | None = None, seed: int = 0
+        self,
+        auxiliary: AuxiliaryData | None,
+        layer_name: str | None = None,
+        seed: int = 0,
+        required: bool = True,
     ):
-        if auxiliary is None and self.needs_auxiliary:
+        if auxiliary is None and required:
             raise UserError(
                 f"attack {self.name!r} needs auxiliary data (attack.py: --aux_split, --aux_per_class; "
                 "callback: auxiliary=)"
@@ -231,7 +240,7 @@ class AuxiliaryAttack:
         self.layer_name = layer_name
         #: seeds the simulated local training of a FedAvg update (``trajectory_statistics``)
         self.seed = seed
-        self._cached: tuple[tuple, ClassStatistics] | None = None
+        self._cached: tuple[tuple, object] | None = None
 
     @classmethod
     def from_options(
@@ -254,25 +263,30 @@ class AuxiliaryAttack:
 
         The server's model stays the same over a run's tries, so the simulation runs once per model.
         """
+        key = (weights_version(self.required_model(model)), training, num_images)
+
+        def measure() -> ClassStatistics:
+            if training is None:
+                return class_statistics(model, self.auxiliary, num_classes, self.layer_name)
+            return trajectory_statistics(
+                model, self.auxiliary, num_classes, training, num_images, self.seed, self.layer_name
+            )
+
+        return self.remembered(key, measure)
+
+    def required_model(self, model: nn.Module | None) -> nn.Module:
+        """The shared model, which these attacks run on the auxiliary data; a UserError without."""
         if model is None:
             raise UserError(
                 f"attack {self.name!r} runs the model on the auxiliary data: share(...) the model too"
             )
-        key = (weights_version(model), training, num_images)
+        return model
+
+    def remembered(self, key: tuple, compute: Callable[[], T]) -> T:
+        """``compute()``, kept while ``key`` (the weights' versions and what else it depends on)
+        stays the same: the server's model is the same over a run's tries."""
         if self._cached is None or self._cached[0] != key:
-            if training is None:
-                stats = class_statistics(model, self.auxiliary, num_classes, self.layer_name)
-            else:
-                stats = trajectory_statistics(
-                    model,
-                    self.auxiliary,
-                    num_classes,
-                    training,
-                    num_images,
-                    self.seed,
-                    self.layer_name,
-                )
-            self._cached = (key, stats)
+            self._cached = (key, compute())
         return self._cached[1]
 
     def statistics_for(self, shared: SharedGradients) -> ClassStatistics:

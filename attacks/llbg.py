@@ -34,11 +34,11 @@ class LLBG(AuxiliaryAttack):
             raise UserError(f"LLBG's assumed confidence must be in [0, 1), got {confidence}")
         #: every class's assumed confidence, or None: measured on the auxiliary data
         self.confidence = confidence
-        super().__init__(auxiliary, **kw)
+        super().__init__(auxiliary, required=self.needs_auxiliary(llbg_confidence=confidence), **kw)
 
-    @property
-    def needs_auxiliary(self) -> bool:
-        return self.confidence is None
+    @classmethod
+    def needs_auxiliary(cls, llbg_confidence: float | None = None, **_) -> bool:
+        return llbg_confidence is None
 
     @classmethod
     def from_options(cls, auxiliary=None, llbg_confidence=None, layer_name=None, seed=0, **_):

@@ -55,7 +55,6 @@ from attacks.auxiliary import AuxiliaryAttack, AuxiliaryData, weights_version
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
 from attacks.rlu_plus import round_to_total
-from experiment.errors import UserError
 
 #: the released code's ``--gamma`` default (the learning-rate schedule's factor)
 GAMMA = 0.1
@@ -190,14 +189,18 @@ class RLU(AuxiliaryAttack):
         if not (math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"RLU's gamma must be a finite number > 0, got {gamma}")
         self.gamma = gamma
-        self._logit_means: tuple[tuple, torch.Tensor] | None = None
 
     def logit_means(self, model: nn.Module, num_classes: int, batch_size: int) -> torch.Tensor:
         """mu at the model's weights, as the released ``estimate_static_RLU`` measures it.
 
-        A copy of the model runs in train mode on seeded shuffled batches of B, the last
-        batch left out; dropout draws from a seeded stream, so the global one is untouched.
+        A copy of the model (train mode may move batch-norm statistics) runs in train mode on
+        seeded shuffled batches of B, the last batch left out; dropout draws from a seeded
+        stream, so the global one is untouched.
         """
+        return self.owned_logit_means(copy.deepcopy(model), num_classes, batch_size)
+
+    def owned_logit_means(self, own: nn.Module, num_classes: int, batch_size: int) -> torch.Tensor:
+        """``logit_means`` on a model this attack owns (it is left in train mode)."""
         self.auxiliary.check_covers(num_classes)
         count = self.auxiliary.labels.numel()
         generator = torch.Generator().manual_seed(self.seed)
@@ -206,43 +209,35 @@ class RLU(AuxiliaryAttack):
         if kept.numel() == 0:
             # One batch, left out: the released code averages nothing and every mean is 0.
             return torch.zeros(num_classes, dtype=torch.float64)
-        copy_ = copy.deepcopy(model).train()
-        device = next(copy_.parameters()).device
+        own.train()
+        device = next(own.parameters()).device
         logits = []
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(self.seed)
             for batch in kept.split(batch_size):
                 images = self.auxiliary.images[batch].to(device)
-                logits.append(copy_(images).detach().to(torch.float64).cpu())
+                logits.append(own(images).detach().to(torch.float64).cpu())
         return other_class_logit_means(
             torch.cat(logits), self.auxiliary.labels[kept].cpu(), num_classes
         )
 
-    def sent_logit_means(self, model: nn.Module, num_classes: int, batch_size: int):
-        """mu at the sent weights: the same for every try of a run, so kept until a weight changes."""
-        key = (weights_version(model), num_classes, batch_size)
-        if self._logit_means is None or self._logit_means[0] != key:
-            self._logit_means = (key, self.logit_means(model, num_classes, batch_size))
-        return self._logit_means[1]
-
     def __call__(self, shared: SharedGradients) -> Restoration:
-        if shared.model is None:
-            raise UserError(
-                f"attack {self.name!r} runs the model on the auxiliary data: share(...) the model too"
-            )
+        model = self.required_model(shared.model)
         num_classes, num_images = shared.num_classes, shared.num_images
         update = shared.local_update
         steps = 1 if update is None else update.steps
         batch_size = num_images if update is None else update.training.batch_for(num_images)
         bias_grad = torch.nan_to_num(shared.bias_grad.detach().to(torch.float64).cpu())
-        start = self.sent_logit_means(shared.model, num_classes, batch_size)
+        # mu at the sent weights is the same for every try of a run: kept until a weight changes.
+        start = self.remembered(
+            (weights_version(model), num_classes, batch_size),
+            lambda: self.logit_means(model, num_classes, batch_size),
+        )
         rho = step_weight(steps, self.gamma)
         probabilities = torch.softmax(start, dim=0)
         if steps > 1:
-            end = self.logit_means(
-                model_at(shared.model, update.end_state), num_classes, batch_size
-            )
+            end = self.owned_logit_means(model_at(model, update.end_state), num_classes, batch_size)
             visits = num_images * update.training.epochs
             first = proportional_counts(torch.softmax(end, dim=0) * rho, bias_grad, visits)
             spread = float(mean_embedding_direction(shared).square().sum())

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from attacks import (
+    ATTACKS,
     AUXILIARY_ATTACKS,
     PER_SAMPLE_ATTACKS,
     PRIOR_ATTACKS,
@@ -71,9 +72,13 @@ class Setup:
 
 
 def needing_auxiliary(config: AttackConfig) -> tuple[str, ...]:
-    """The auxiliary attacks that need the data: all but LLBG given ``--llbg_confidence``."""
-    assumed = () if config.llbg_confidence is None else ("LLBG",)
-    return tuple(name for name in AUXILIARY_ATTACKS if name not in assumed)
+    """The auxiliary attacks that need the data with these options (LLBG given
+    ``--llbg_confidence`` does not)."""
+    return tuple(
+        name
+        for name in AUXILIARY_ATTACKS
+        if ATTACKS[name].needs_auxiliary(llbg_confidence=config.llbg_confidence)
+    )
 
 
 def method_names(config: AttackConfig, auxiliary: bool = False) -> list[str]:

@@ -119,10 +119,25 @@ def test_one_drift_correction_with_the_released_scalar_comparison():
     last = torch.tensor([-1 / 12, 1 / 6, -1 / 12], dtype=torch.float64)
     expected = (torch.full((3,), 1 / 3, dtype=torch.float64) + torch.softmax(last, 0)) / 2
     assert torch.allclose(probabilities, expected, rtol=0, atol=8 * FLOAT64)
-    # Compared with the whole vector (what m > C falls back to) the first pass moves other counts.
-    vector = torch.tensor([4.0, 4.0, 0.0], dtype=torch.float64)
-    rlu.corrected_probabilities(vector, start, end, 4, 4, 0.5, 2.0)
-    assert vector.tolist() != [2.0, 4.0, 2.0]
+
+
+def test_past_the_c_entries_of_new_mu_the_loop_compares_with_the_vector(monkeypatch):
+    """m = 4 > C = 3: new_mu[3] does not exist (the released code stops there).
+
+    Per-step counts (2, 2, 0), B = 4, lr = 0.5, |O|^2 = 2: the logits drift from 0 to
+    (0.167, 0.167, -0.333), (0.283, 0.283, -0.566), (0.371, 0.371, -0.742). Against the vector
+    new_mu = (0.5, -0.2, 0.1) the gaps are (-0.129, 0.571, -0.842): class 1 gives 4 counts to
+    class 2. (Against the scalar new_mu[2] = 0.1 class 0 would give them.)
+    """
+    monkeypatch.setattr(rlu, "MAX_CORRECTIONS", 1)
+    visits = torch.tensor([8.0, 8.0, 0.0], dtype=torch.float64)
+    start = torch.zeros(3, dtype=torch.float64)
+    end = torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64)
+    drift = rlu.simulated_logits(visits / 4, start, 4, 4, 0.5, 2.0)
+    # The hand values above, to their four decimals.
+    assert drift[3].tolist() == pytest.approx([0.3711, 0.3711, -0.7422], abs=5e-5)
+    rlu.corrected_probabilities(visits, start, end, 4, 4, 0.5, 2.0)
+    assert visits.tolist() == [8.0, 4.0, 4.0]
 
 
 def test_fedavg_maps_passes_to_steps_and_visits(monkeypatch):
