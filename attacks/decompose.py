@@ -49,6 +49,7 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
+from attacks.consistency import Consistency, new_samples
 from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
 from attacks.ilrg import ILRG
@@ -403,6 +404,12 @@ def fit_rest(
     keep = torch.arange(inputs.shape[0])
     if keep.numel() == 0:
         return keep, keep
+    if inputs.shape[1] > inputs.shape[0] + residual.shape[0]:
+        # Every residual column and candidate input lies in the span of their rows: in an
+        # orthonormal basis of it the least squares are the same, on far fewer coordinates
+        # (a VGG head's 4097 against the candidates plus the C classes).
+        span = torch.linalg.qr(torch.cat([inputs, residual]).T)[0]
+        inputs, residual = inputs @ span, residual @ span
     labels, consistent = judge(keep)
     while not bool(consistent.all()) and keep.numel() > 1:
         trials = [judge(torch.cat([keep[:drop], keep[drop + 1 :]])) for drop in range(keep.numel())]
@@ -510,6 +517,38 @@ def search(gradient, samples, num_images, precision, generator, judge) -> tuple:
     return samples, residual
 
 
+def consistent_search(gradient, samples, num_images, precision, weight, bias) -> tuple:
+    """Samples of the classifier from the column-space consistency (``attacks.consistency``)
+    in ``gradient`` (the classifier's, or what the samples found so far leave of it), round by
+    round while a round finds new ones: each round searches what the samples it found leave
+    (fewer samples, purer rows) and checks on ``gradient``.
+
+    Only while the search is determined: with r samples left, a point has r - 1 free
+    coordinates and C - r equations, so for 2r > C (K = 64 of 100 classes) every sample lies
+    on a manifold of points that fit as well, and nothing is searched.
+    """
+    num_classes = weight.shape[0]
+    room = num_images - len(samples)
+    if room == 0 or 2 * room > num_classes:
+        return samples, gradient
+    space = subspace(gradient, room, precision)
+    whole = Consistency.of(gradient, weight, bias, space.basis, space.singular, space.noise)
+    found = Samples.none(gradient.shape[1], num_classes)
+    residual = gradient
+    while whole is not None and len(found) < room:
+        space = subspace(residual, room - len(found), precision)
+        rest = Consistency.of(residual, weight, bias, space.basis, space.singular, space.noise)
+        if rest is None:
+            break
+        inputs, labels = new_samples(whole, rest, found.embeddings, weight, bias, num_images)
+        inputs, labels = inputs[: room - len(found)], labels[: room - len(found)]
+        if labels.numel() == 0:
+            break
+        found = found.extended(Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels))
+        residual = gradient - found.errors().T @ found.embeddings / num_images
+    return samples.extended(found), residual
+
+
 @register_attack("decompose")
 class Decompose:
     """Per-sample labels from the gradient's rank-one terms; iLRG for the samples it cannot separate."""
@@ -553,9 +592,15 @@ class Decompose:
         floor = 2 * precision * math.sqrt(num_classes)
         residual = gradient
         if num_images < num_classes:
-            # The classifier's own gradient has rank K only while K < C.
+            # The classifier's own gradient has rank K only while K < C. The samples whose
+            # output gradient the column space holds (any embedding, dense or not, and cheap;
+            # while the search is determined), then the vertices of what they leave (inputs
+            # with zeros), then once more where the vertices left a determined search.
+            samples, residual = consistent_search(
+                gradient, samples, num_images, precision, weight, bias
+            )
             samples, residual = search(
-                gradient,
+                residual,
                 samples,
                 num_images,
                 precision,
@@ -564,7 +609,16 @@ class Decompose:
                     rest, embeddings, weight, bias, num_images, room, floor
                 ),
             )
-        if len(samples) < num_images:
+            samples, residual = consistent_search(
+                residual, samples, num_images, precision, weight, bias
+            )
+        # While K < C a sample the classifier's residual no longer resolves is below every
+        # layer's noise (its term in the hidden layer is W^T g_n times its input, as small).
+        room = num_images - len(samples)
+        spent = (
+            num_images < num_classes and room > 0 and subspace(residual, room, precision).rank == 0
+        )
+        if len(samples) < num_images and not spent:
             hidden = self._hidden_route(shared, precision, generator, weight, bias, floor)
             if hidden is not None and num_images < num_classes:
                 # Offered to the classifier's residual: a sample found twice no longer fits.

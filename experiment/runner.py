@@ -29,6 +29,7 @@ from attacks.defenses import describe_defense
 from attacks.local_update import (
     LocalTraining,
 )
+from experiment.batch_fit import batch_fit_summary
 from experiment.client_options import build_defense, build_local_training
 from experiment.config import AttackConfig
 from experiment.errors import UserError
@@ -416,6 +417,9 @@ def build_results(
         "summary": summary,
         "std": spread,
         "seconds_per_try": seconds,
+        # the model's fit of the attacked batches and the share of their samples any
+        # attack can see (experiment.batch_fit): the ceiling of per-sample numbers
+        "batch": batch_fit_summary(tries, setup.config.num_images),
         "tries": tries,
         **{extension.key: extension.summary() for extension in setup.extensions},
     }

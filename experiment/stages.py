@@ -155,6 +155,7 @@ def stage_record(stage: Stage, results: dict, run_dir: Path) -> dict:
         "checkpoint": str(stage.path),
         "results": str(Path(stage.label) / "results.json"),
         **(stage.validation or {"val_acc": None, "val_step": None}),
+        "batch": results.get("batch"),
         "summary": results["summary"],
         "std": results["std"],
     }
@@ -222,7 +223,8 @@ def plot_stages(summary: dict, path: Path) -> Path:
         if any(m in means for r in records for means in r["summary"].values())
     ]
     accuracy = [(r["stage"], r["val_acc"]) for r in records if r.get("val_acc") is not None]
-    panels = len(metrics) + bool(accuracy)
+    fits = [(r["stage"], r["batch"]) for r in records if r.get("batch")]
+    panels = len(metrics) + bool(accuracy or fits)
     figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
     methods = summary["methods"]
     stages = [r["stage"] for r in records]
@@ -250,15 +252,38 @@ def plot_stages(summary: dict, path: Path) -> Path:
                     color=f"C{index % 10}",
                     label=method,
                 )
+        if metric in ("IRec", "Exact") and fits:
+            # No attack sees a sample below the gradient's rounding: the per-sample ceiling.
+            xs, ys = zip(*((stage, fit["visible"]) for stage, fit in fits))
+            axis.plot(xs, ys, linestyle="--", color="black", label="visible samples")
         axis.set_title(metric)
         axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    if accuracy:
+    if accuracy or fits:
         axis = axes[0][-1]
-        xs, ys = zip(*accuracy)
-        axis.plot(xs, ys, marker="o", color="black", label="val acc")
-        axis.set_title("validation accuracy (from the checkpoint)")
+        if accuracy:
+            xs, ys = zip(*accuracy)
+            axis.plot(xs, ys, marker="o", color="black", label="val acc")
+        if fits:
+            xs = [stage for stage, _ in fits]
+            axis.plot(
+                xs,
+                [f["accuracy"] for _, f in fits],
+                marker="s",
+                color="grey",
+                label="accuracy on the attacked batches",
+            )
+            axis.plot(
+                xs,
+                [f["mean_error"] for _, f in fits],
+                marker="^",
+                color="grey",
+                linestyle=":",
+                label="mean 1 - p_y of the attacked batches",
+            )
+        axis.legend(fontsize="x-small")
+        axis.set_title("accuracy and fit")
         axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)

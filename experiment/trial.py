@@ -15,6 +15,7 @@ import torch
 
 from attacks.gradients import batch_gradients, share
 from attacks.local_update import LocalUpdate, client_update, end_weights
+from experiment.batch_fit import batch_fit
 from experiment.extension import TryContext
 from experiment.report import MethodScores
 from experiment.seeding import try_generator
@@ -127,6 +128,9 @@ def attack_try(setup: Setup, index: int, indices: torch.Tensor) -> TryOutcome:
         setup.model, grads, config.num_images, known_classes=known, local_update=local_update
     )
     record = {"true_counts": true_counts.tolist(), "methods": {}}
+    record["batch"] = batch_fit(
+        setup.model, load_chunks(setup, indices), shared.weight_grad, shared.bias_grad
+    )
     if not all(bool(torch.isfinite(g).all()) for g in (shared.weight_grad, shared.bias_grad)):
         # A diverged model or an extreme defense: the attacks still answer (their
         # documented fallbacks), and the run reports how many tries this hit.
