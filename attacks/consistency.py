@@ -41,8 +41,10 @@ import torch
 STEPS = 60
 #: how many times the column space's resolution angle a candidate's residual may be
 ACCEPT_FACTOR = 16.0
-#: starts per search, the rows with the largest bias gradients first (each a K x K solve)
-MAX_STARTS = 256
+#: starts per search and sample left, the rows with the largest bias gradients first
+STARTS_PER_SAMPLE = 4
+#: a step that lowers a start's cost by less than this share has reached its floor
+FLAT = 1e-6
 #: the damping at which a search has stopped finding better points
 STALLED = 1e8
 
@@ -131,7 +133,7 @@ class Consistency:
         return ((inputs @ self.basis) / self.singular) @ (self.left.T @ errors.T) / num_images
 
 
-def row_starts(gradient: torch.Tensor, noise: float) -> torch.Tensor:
+def row_starts(gradient: torch.Tensor, noise: float, room: int) -> torch.Tensor:
     """Starting inputs: every row of G that is not noise, as an embedding G[j] / G[j, -1].
 
     Row j weighs each sample n by its output gradient's entry g_nj, so the rows are as many
@@ -144,7 +146,9 @@ def row_starts(gradient: torch.Tensor, noise: float) -> torch.Tensor:
     # The largest of C Gaussian errors of size ``noise``, plus one.
     threshold = (math.sqrt(2 * math.log(max(bias.numel(), 2))) + 1) * noise
     rows = torch.nonzero(bias.abs() > threshold).flatten()
-    rows = rows[bias[rows].abs().argsort(descending=True)[:MAX_STARTS]]
+    # Each start costs C x K^2 per step: as many as a few per sample left, the largest first
+    # (the classes the samples are in come first, their bias gradients being -(1 - p)).
+    rows = rows[bias[rows].abs().argsort(descending=True)[: STARTS_PER_SAMPLE * room]]
     return gradient[rows] / bias[rows, None]
 
 
@@ -160,7 +164,7 @@ def new_samples(
     leave of the gradient), polished on ``whole`` (the gradient itself) and kept where they
     pass Wedderburn's test there, against each other and against ``found``. Returns their
     inputs [e_n, 1] (rows) and labels, best first."""
-    inputs, miss = rest.search(row_starts(rest.gradient, rest.noise))
+    inputs, miss = rest.search(row_starts(rest.gradient, rest.noise, rest.basis.shape[1]))
     converged = torch.nonzero(miss <= rest.tolerance).flatten()
     inputs = inputs[converged[miss[converged].argsort()]]
     if inputs.shape[0] == 0:
@@ -237,13 +241,15 @@ def levenberg_marquardt(
     goal: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise |f(y)| for every start at once; returns the points and their |f|. A start
-    stops once |f| <= ``goal`` or once no step helps (its damping past ``STALLED``). Each
+    stops once |f| <= ``goal``, once no step helps (its damping past ``STALLED``) or once
+    its steps have reached the floor its data allow (a cost lowered by under ``FLAT``). Each
     step keeps the label that fits best where it starts; the cost is the best label's."""
     damping = torch.full((y.shape[0],), 1e-3, dtype=y.dtype)
     cost = relative_miss(y, base, slope, columns).square().sum(1)
+    flat = torch.zeros(y.shape[0], dtype=torch.bool)
     eye = torch.eye(y.shape[1], dtype=y.dtype)
     for _ in range(STEPS):
-        active = torch.nonzero((cost > goal**2) & (damping < STALLED)).flatten()
+        active = torch.nonzero((cost > goal**2) & (damping < STALLED) & ~flat).flatten()
         if active.numel() == 0:
             break
         here = y[active]
@@ -258,6 +264,7 @@ def levenberg_marquardt(
         # A singular system (a flat direction at tiny damping) is a step that did not help.
         trial_cost = torch.where((info == 0) & trial_cost.isfinite(), trial_cost, torch.inf)
         better = trial_cost < cost[active]
+        flat[active] = better & (trial_cost > (1 - FLAT) * cost[active])
         y[active] = torch.where(better[:, None], trial, here)
         cost[active] = torch.where(better, trial_cost, cost[active])
         damping[active] = torch.where(better, damping[active] / 3, damping[active] * 4)

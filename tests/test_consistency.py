@@ -133,7 +133,7 @@ def test_row_starts_are_the_rows_beyond_the_noise_largest_bias_first():
     gradient = torch.tensor(
         [[2.0, 4.0, -2.0], [1.0, 1.0, 0.5], [3.0, 0.0, -1.0], [5.0, 5.0, 1e-6]], dtype=torch.float64
     )
-    starts = row_starts(gradient, noise=1e-3)
+    starts = row_starts(gradient, noise=1e-3, room=1)
     expected = torch.tensor([[-1.0, -2.0, 1.0], [-3.0, 0.0, 1.0], [2.0, 2.0, 1.0]])
     torch.testing.assert_close(starts, expected.to(torch.float64))
 
