@@ -64,7 +64,11 @@ def batch_fit_summary(tries: list[dict], num_images: int) -> dict | None:
     records = [t["batch"] for t in tries if "batch" in t]
     if not records:
         return None
-    means = {key: MeanMetric() for key in ("accuracy", "mean_error", "visible")}
+    # The tries are already gathered from every process: nothing to synchronise (a sync on
+    # the first process alone would wait for the others at a barrier they never reach).
+    means = {
+        key: MeanMetric(sync_on_compute=False) for key in ("accuracy", "mean_error", "visible")
+    }
     for record in records:
         for key, metric in means.items():
             metric.update(record[key] / (num_images if key == "visible" else 1))
