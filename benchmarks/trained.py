@@ -204,6 +204,7 @@ def separation(run_dir: Path, record: dict) -> dict:
         wrong += sum(max(0, f - t) for f, t in zip(found, entry["true_counts"]))
     tries = len(results["tries"])
     return {
+        "tries": tries,
         "separated": separated / tries,
         "wrong": wrong / max(separated, 1),
         "seconds": results["seconds_per_try"]["decompose"],
@@ -258,7 +259,7 @@ def per_sample_targets(sweeps: dict) -> list[Result]:
                     ),
                     target=target + " (report only)" if irec_bound is None else target,
                     passed=None if irec_bound is None else all(checks),
-                    repeats=len(stages["results"]),
+                    repeats=counts["tries"],
                     details={**counts, "batch": fit},
                 )
             )
