@@ -105,7 +105,8 @@ class Consistency:
         return (self.offset + y @ self.free.T) @ self.basis.T, miss
 
     def miss(self, inputs: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(inputs @ torch.linalg.pinv(self.basis).T @ self.logits.T, dim=1)
+        """Each input's relative miss |Q g| / |g| at its best label (inputs in the row space)."""
+        p = torch.softmax((inputs @ self.basis) @ self.logits.T, dim=1)
         columns = self.columns
         labels = best_labels(p, columns)
         g = p - torch.eye(p.shape[1], dtype=p.dtype)[labels]

@@ -34,9 +34,10 @@ gradient; its direction is resolved only to (noise / eps), and below the
 gradient's rounding it is not there at all (``Restoration.separated`` counts
 the samples told apart). The rest of the batch is counted by iLRG on the
 gradient with the separated samples' terms taken out. A vertex needs r - 1
-zeros: K = 64 on LeNet-5 (84 units, about 40 active) or inputs with no zeros
-(after a global average pool, ResNets) separate nothing, and the answer is
-iLRG's.
+zeros; inputs with no zeros (after a global average pool, ResNets) are found by
+the column-space consistency of ``attacks.consistency`` instead, which runs
+first and needs 2r <= C. K = 64 on LeNet-5 (84 units, about 40 active) or on a
+ResNet of 100 classes has neither, separates nothing, and the answer is iLRG's.
 """
 
 from __future__ import annotations
