@@ -57,6 +57,7 @@ class Consistency:
     basis: torch.Tensor  # (d+1) x r, the row space
     singular: torch.Tensor  # r
     left: torch.Tensor  # C x r, the left singular vectors: gradient @ basis / singular
+    columns: torch.Tensor  # C x r, an orthonormal basis of the column space (left, made exact)
     logits: torch.Tensor  # C x r: the logits of the input basis @ n are logits @ n
     offset: torch.Tensor  # r: n = offset + free @ y has last coordinate 1
     free: torch.Tensor  # r x (r - 1)
@@ -74,21 +75,19 @@ class Consistency:
         # a sample's relative miss may be 16 times that.
         scale = math.sqrt(gradient.shape[0]) + math.sqrt(gradient.shape[1])
         angle = max(noise * scale / float(singular[-1]), torch.finfo(gradient.dtype).eps)
+        left = gradient @ basis / singular
         return cls(
             gradient,
             basis,
             singular,
-            gradient @ basis / singular,
+            left,
+            torch.linalg.qr(left)[0],
             torch.cat([weight, bias[:, None]], dim=1) @ basis,
             last / last.square().sum(),
             torch.linalg.svd(last[None])[2][1:].T,
             noise,
             ACCEPT_FACTOR * angle,
         )
-
-    @property
-    def columns(self) -> torch.Tensor:
-        return torch.linalg.qr(self.left)[0]
 
     def search(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The points [e, 1] (rows) the searches from ``inputs`` reach, and their relative miss."""
@@ -107,10 +106,9 @@ class Consistency:
     def miss(self, inputs: torch.Tensor) -> torch.Tensor:
         """Each input's relative miss |Q g| / |g| at its best label (inputs in the row space)."""
         p = torch.softmax((inputs @ self.basis) @ self.logits.T, dim=1)
-        columns = self.columns
-        labels = best_labels(p, columns)
+        labels = best_labels(p, self.columns)
         g = p - torch.eye(p.shape[1], dtype=p.dtype)[labels]
-        outside = g - (g @ columns) @ columns.T
+        outside = g - (g @ self.columns) @ self.columns.T
         return torch.linalg.vector_norm(outside, dim=1) / torch.linalg.vector_norm(g, dim=1)
 
     def errors(self, inputs: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +172,6 @@ def new_samples(
     order = miss.argsort()
     inputs, miss = inputs[order], miss[order]
     labels, errors = whole.errors(inputs, weight, bias)
-    _, found_errors = whole.errors(found, weight, bias)
     # x_m^T G^+ g_n / K: 1 for a sample with itself, 0 for two samples. Its error grows with
     # the resolution as a point's does: the threshold lies halfway, on a log scale, between
     # the point's resolution and 1.

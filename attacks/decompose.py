@@ -535,18 +535,18 @@ def consistent_search(gradient, samples, num_images, precision, weight, bias) ->
     space = subspace(gradient, room, precision)
     whole = Consistency.of(gradient, weight, bias, space.basis, space.singular, space.noise)
     found = Samples.none(gradient.shape[1], num_classes)
-    residual = gradient
-    while whole is not None and len(found) < room:
-        space = subspace(residual, room - len(found), precision)
-        rest = Consistency.of(residual, weight, bias, space.basis, space.singular, space.noise)
-        if rest is None:
-            break
+    residual, rest = gradient, whole  # the first round searches the gradient itself
+    while rest is not None and len(found) < room:
         inputs, labels = new_samples(whole, rest, found.embeddings, weight, bias, num_images)
         inputs, labels = inputs[: room - len(found)], labels[: room - len(found)]
         if labels.numel() == 0:
             break
         found = found.extended(Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels))
         residual = gradient - found.errors().T @ found.embeddings / num_images
+        if len(found) == room:
+            break
+        space = subspace(residual, room - len(found), precision)
+        rest = Consistency.of(residual, weight, bias, space.basis, space.singular, space.noise)
     return samples.extended(found), residual
 
 

@@ -265,23 +265,13 @@ def plot_stages(summary: dict, path: Path) -> Path:
         if accuracy:
             xs, ys = zip(*accuracy)
             axis.plot(xs, ys, marker="o", color="black", label="val acc")
-        if fits:
-            xs = [stage for stage, _ in fits]
-            axis.plot(
-                xs,
-                [f["accuracy"] for _, f in fits],
-                marker="s",
-                color="grey",
-                label="accuracy on the attacked batches",
-            )
-            axis.plot(
-                xs,
-                [f["mean_error"] for _, f in fits],
-                marker="^",
-                color="grey",
-                linestyle=":",
-                label="mean 1 - p_y of the attacked batches",
-            )
+        for key, marker, style, label in (
+            ("accuracy", "s", "-", "accuracy on the attacked batches"),
+            ("mean_error", "^", ":", "mean 1 - p_y of the attacked batches"),
+        ):
+            if fits:
+                xs, ys = zip(*((stage, fit[key]) for stage, fit in fits))
+                axis.plot(xs, ys, marker=marker, linestyle=style, color="grey", label=label)
         axis.legend(fontsize="x-small")
         axis.set_title("accuracy and fit")
         axis.set_xlabel("iteration" if summary["unit"] == "iteration" else "epoch")

@@ -48,3 +48,37 @@ def shared_for(
 ):
     grads = batch_gradients(model, chunked(inputs, labels, max_size), labels.numel())
     return share(model, grads, labels.numel(), known_classes=known)
+
+
+def classifier_gradient(embeddings, weight, bias, labels, dtype=torch.float64):
+    """The shared gradient of a classifier z = W e + b alone, for float64 ``embeddings`` (rows)
+    and ``labels``: (SharedGradients in ``dtype``, the probabilities, the inputs [e_n, 1])."""
+    from attacks import SharedGradients
+
+    probabilities = torch.softmax(embeddings @ weight.T + bias, 1)
+    errors = probabilities - nn.functional.one_hot(labels, weight.shape[0]).to(torch.float64)
+    extended = torch.cat([embeddings, torch.ones(embeddings.shape[0], 1, dtype=torch.float64)], 1)
+    gradient = errors.T @ extended / embeddings.shape[0]
+    shared = SharedGradients(
+        weight_grad=gradient[:, :-1].to(dtype),
+        bias_grad=gradient[:, -1].to(dtype),
+        weight=weight.to(dtype),
+        bias=bias.to(dtype),
+        num_images=embeddings.shape[0],
+    )
+    return shared, probabilities, extended
+
+
+def fitted_batch(embeddings, weight, bias, confidence, fitted, generator, dtype=torch.float64):
+    """``classifier_gradient`` with the logits scaled until the most confident sample reaches
+    ``confidence``, the first ``fitted`` samples labelled with the model's prediction and the
+    rest at random. Returns (shared, labels, probabilities, the inputs [e_n, 1])."""
+    scale = 1.0
+    while torch.softmax(scale * (embeddings @ weight.T + bias), 1).max() < confidence:
+        scale *= 1.05
+    weight, bias = scale * weight, scale * bias
+    labels = torch.softmax(embeddings @ weight.T + bias, 1).argmax(1)
+    random = torch.randint(weight.shape[0], (embeddings.shape[0],), generator=generator)
+    labels[fitted:] = random[fitted:]
+    shared, probabilities, extended = classifier_gradient(embeddings, weight, bias, labels, dtype)
+    return shared, labels, probabilities, extended

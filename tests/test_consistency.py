@@ -18,7 +18,7 @@ from attacks.consistency import (
     row_starts,
 )
 from attacks.decompose import batch_inputs, subspace
-from tests.helpers import shared_for
+from tests.helpers import classifier_gradient, fitted_batch, shared_for
 
 
 def dense_batch(
@@ -38,25 +38,7 @@ def dense_batch(
     weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
     weight /= math.sqrt(dim)
     bias = 0.1 * torch.randn(num_classes, generator=generator, dtype=torch.float64)
-    scale = 1.0
-    while torch.softmax(scale * (embeddings @ weight.T + bias), 1).max() < confidence:
-        scale *= 1.05
-    weight, bias = scale * weight, scale * bias
-    probabilities = torch.softmax(embeddings @ weight.T + bias, 1)
-    labels = probabilities.argmax(1)
-    random = torch.randint(num_classes, (num_images,), generator=generator)
-    labels[5 * num_images // 6 :] = random[5 * num_images // 6 :]
-    errors = probabilities - nn.functional.one_hot(labels, num_classes).to(torch.float64)
-    extended = torch.cat([embeddings, torch.ones(num_images, 1, dtype=torch.float64)], 1)
-    gradient = errors.T @ extended / num_images
-    shared = SharedGradients(
-        weight_grad=gradient[:, :-1].to(dtype),
-        bias_grad=gradient[:, -1].to(dtype),
-        weight=weight.to(dtype),
-        bias=bias.to(dtype),
-        num_images=num_images,
-    )
-    return shared, labels, probabilities, extended
+    return fitted_batch(embeddings, weight, bias, confidence, 5 * num_images // 6, generator, dtype)
 
 
 def stacked(shared):
@@ -254,17 +236,7 @@ def test_a_vgg_head_separates_64_samples():
     weight = torch.randn(100, 4096, generator=generator, dtype=torch.float64) / 64
     bias = 0.1 * torch.randn(100, generator=generator, dtype=torch.float64)
     labels = torch.randint(100, (64,), generator=generator)
-    probabilities = torch.softmax(embeddings @ weight.T + bias, 1)
-    errors = probabilities - nn.functional.one_hot(labels, 100).to(torch.float64)
-    extended = torch.cat([embeddings, torch.ones(64, 1, dtype=torch.float64)], 1)
-    gradient = (errors.T @ extended / 64).float()
-    shared = SharedGradients(
-        weight_grad=gradient[:, :-1],
-        bias_grad=gradient[:, -1],
-        weight=weight.float(),
-        bias=bias.float(),
-        num_images=64,
-    )
+    shared, _, _ = classifier_gradient(embeddings, weight, bias, labels, torch.float32)
     restoration = build_attack("decompose")(shared)
     assert restoration.separated == 64
     assert sorted(restoration.sample_labels.tolist()) == sorted(labels.tolist())

@@ -9,7 +9,7 @@ from torch import nn
 
 from attacks import SharedGradients, build_attack
 from attacks.decompose import Decompose, hidden_layer
-from tests.helpers import TinyVictim, shared_for
+from tests.helpers import TinyVictim, fitted_batch, shared_for
 from tests.test_stages import attack_in_process
 
 
@@ -27,23 +27,8 @@ def hand_built(
     embeddings *= torch.rand(num_images, dim, generator=generator, dtype=torch.float64) < 0.45
     weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
     bias = torch.randn(num_classes, generator=generator, dtype=torch.float64)
-    scale = 1.0
-    while torch.softmax(scale * (embeddings @ weight.T + bias), 1).max() < confidence:
-        scale *= 1.05
-    weight, bias = scale * weight, scale * bias
-    probabilities = torch.softmax(embeddings @ weight.T + bias, 1)
-    labels = probabilities.argmax(1)
-    random = torch.randint(num_classes, (num_images,), generator=generator)
-    labels[num_images // 2 :] = random[num_images // 2 :]
-    errors = probabilities - nn.functional.one_hot(labels, num_classes).to(torch.float64)
-    extended = torch.cat([embeddings, torch.ones(num_images, 1, dtype=torch.float64)], 1)
-    gradient = errors.T @ extended / num_images
-    shared = SharedGradients(
-        weight_grad=gradient[:, :-1].to(dtype),
-        bias_grad=gradient[:, -1].to(dtype),
-        weight=weight.to(dtype),
-        bias=bias.to(dtype),
-        num_images=num_images,
+    shared, labels, probabilities, _ = fitted_batch(
+        embeddings, weight, bias, confidence, num_images // 2, generator, dtype
     )
     return shared, labels, probabilities
 
