@@ -43,6 +43,13 @@ STEPS = 60
 ACCEPT_FACTOR = 16.0
 #: starts per search and sample left, the rows with the largest bias gradients first
 STARTS_PER_SAMPLE = 4
+#: a search of r samples left is well determined where its C - r equations are at least this
+#: many times its r - 1 free coordinates (on a VGG-16 head, 100 classes: with 50 left the
+#: points found fit to 1e-9 and lie 1e-3 to 5e-2 away from any sample; with 40 left, 2e-5
+#: to 9e-4; with 33, 2e-5)
+DETERMINED = 1.5
+#: classes whose miss ``best_labels`` measures directly, the expansion's best first
+SHORTLIST = 4
 #: a step that lowers a start's cost by less than this share has reached its floor
 FLAT = 1e-6
 #: the damping at which a search has stopped finding better points
@@ -131,6 +138,57 @@ class Consistency:
         """x_m^T G^+ g_n / K for every pair, with G^+ = V S^-1 U^T on the resolved part."""
         return ((inputs @ self.basis) / self.singular) @ (self.left.T @ errors.T) / num_images
 
+    def passes(self, errors, miss, ratios, allowed=None) -> torch.Tensor:
+        """Which inputs (with their output gradients ``errors``, relative ``miss`` and
+        Wedderburn ratio x^T G^+ g / K) are samples: g in the column space to within its
+        resolution, and the ratio 1 (it is 0 against another sample) to within ``allowed``.
+
+        For a point of the search, the ratio's error grows with the resolution as the
+        point's does: by default the threshold lies halfway, on a log scale, between the
+        resolution and 1."""
+        resolution = self.resolution(errors)
+        if allowed is None:
+            allowed = resolution.sqrt()
+        return (miss <= resolution) & ((ratios - 1).abs() <= allowed)
+
+    def fits(self, inputs: torch.Tensor, weight, bias, num_images: int):
+        """The labels with which each input [e, 1] (rows; e.g. a vertex of the row space's
+        non-negative part) would be a sample: ``(classes, passing)``, both inputs x
+        ``SHORTLIST``, the classes that fit the column space best and which of them pass.
+
+        With the embedding given no coordinate is free, and the C - K equations test each
+        label; the ratio needs only to tell the input from another sample (within 1/2 of
+        1), since a vertex already has a sample's zero pattern and its ratio errs by more
+        than the resolution where a sample below the noise tilts the space (float32
+        rounding beside a sample fitted to 0.9999: 0.4% to 21%). Where C - K is small, two
+        labels c and c' both pass when e_c - e_c' lies nearly in the column space: the
+        equations do not decide between them.
+        """
+        p = torch.softmax(inputs[:, :-1] @ weight.T + bias, dim=1)
+        classes, miss = label_misses(p, self.columns)
+        count, listed = classes.shape
+        eye = torch.eye(p.shape[1], dtype=p.dtype)
+        errors = (p[:, None, :] - eye[classes]).reshape(count * listed, p.shape[1])
+        coordinates = (inputs @ self.basis) / self.singular
+        ratios = (
+            coordinates[:, None, :]
+            * (errors @ self.left).reshape(count, listed, self.left.shape[1])
+        ).sum(2)
+        passing = self.passes(
+            errors, miss.reshape(-1), ratios.reshape(-1) / num_images, torch.tensor(0.5)
+        )
+        return classes, passing.reshape(count, listed)
+
+
+def determined(samples: int, num_classes: int) -> bool:
+    """Whether a search for ``samples`` points among ``num_classes`` is well determined."""
+    return num_classes - samples >= DETERMINED * (samples - 1)
+
+
+def most_determined(num_classes: int) -> int:
+    """The most samples a well-determined search can look for among ``num_classes``."""
+    return int((num_classes + DETERMINED) // (1 + DETERMINED))
+
 
 def row_starts(gradient: torch.Tensor, noise: float, room: int) -> torch.Tensor:
     """Starting inputs: every row of G that is not noise, as an embedding G[j] / G[j, -1].
@@ -160,31 +218,46 @@ def new_samples(
     num_images: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples not in ``found`` (inputs, rows): searched in ``rest`` (what the samples found
-    leave of the gradient), polished on ``whole`` (the gradient itself) and kept where they
-    pass Wedderburn's test there, against each other and against ``found``. Returns their
-    inputs [e_n, 1] (rows) and labels, best first."""
+    leave of the gradient), polished on ``whole`` (the gradient itself) where that search is
+    determined, and kept where they pass Wedderburn's test there, against each other and
+    against ``found``. Returns their inputs [e_n, 1] (rows) and labels, best first."""
     inputs, miss = rest.search(row_starts(rest.gradient, rest.noise, rest.basis.shape[1]))
     converged = torch.nonzero(miss <= rest.tolerance).flatten()
     inputs = inputs[converged[miss[converged].argsort()]]
     if inputs.shape[0] == 0:
         return inputs, torch.zeros(0, dtype=torch.long)
-    inputs, miss = whole.search(inputs)
+    if determined(whole.basis.shape[1], whole.gradient.shape[0]):
+        inputs, miss = whole.search(inputs)
+    else:
+        # On the whole gradient a point has too many free coordinates for its equations: a
+        # search there slides along the points that fit, away from the sample, so the
+        # point stays where the determined search in what the others leave put it.
+        miss = whole.miss(inputs)
     order = miss.argsort()
     inputs, miss = inputs[order], miss[order]
     labels, errors = whole.errors(inputs, weight, bias)
-    # x_m^T G^+ g_n / K: 1 for a sample with itself, 0 for two samples. Its error grows with
-    # the resolution as a point's does: the threshold lies halfway, on a log scale, between
-    # the point's resolution and 1.
-    resolution = whole.resolution(errors)
+    single = whole.passes(errors, miss, whole.ratios(inputs, errors, num_images).diagonal())
+    return accepted(whole, inputs[single], labels[single], found, weight, bias, num_images)
+
+
+def accepted(
+    whole: Consistency,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    found: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_images: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the inputs [e, 1] (rows, best first) that pass as samples with ``labels``, those
+    that are no sample in ``found`` nor one kept before them: x_m^T G^+ g_n / K is near 0
+    for another sample and near 1 for the same one again, so the midpoint tells them apart."""
+    p = torch.softmax(inputs[:, :-1] @ weight.T + bias, dim=1)
+    errors = p - torch.eye(p.shape[1], dtype=p.dtype)[labels]
     ratios = whole.ratios(inputs, errors, num_images)
     against = whole.ratios(found, errors, num_images)  # found x candidates
     kept: list[int] = []
     for index in range(inputs.shape[0]):
-        allowed = math.sqrt(float(resolution[index]))
-        if float(miss[index]) > resolution[index] or abs(float(ratios[index, index]) - 1) > allowed:
-            continue
-        # Against the samples already found and kept: near 0 for another sample, near 1
-        # for the same one again, so the midpoint tells them apart.
         if bool((against[:, index].abs() > 0.5).any()):
             continue
         if kept and bool((ratios[kept, index].abs() > 0.5).any()):
@@ -195,12 +268,30 @@ def new_samples(
 
 def best_labels(p: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """For each row p of probabilities, the class c whose g = p - onehot(c) the column space
-    holds best, relative to |g|: |Q g|^2 = |Q p|^2 - 2 (Q p)_c + Q_cc, |g|^2 = |p|^2 - 2 p_c + 1."""
+    holds best, relative to |g|."""
+    classes, miss = label_misses(p, columns)
+    return classes.gather(1, miss.argmin(1, keepdim=True)).squeeze(1)
+
+
+def label_misses(p: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row p, the ``SHORTLIST`` classes c whose g = p - onehot(c) the column space
+    holds best and their relative misses |Q g| / |g|, Q the projector off it.
+
+    For every class at once |Q g|^2 = |Q p|^2 - 2 (Q p)_c + Q_cc and |g|^2 = |p|^2 - 2 p_c + 1,
+    but the expansion cancels terms of size 1 and cannot tell misses below about 1e-8
+    apart in float64 (a sample's own label misses by 1e-14, a neighbour's by 1e-7): the
+    classes it ranks first are measured again directly.
+    """
     outside = p - (p @ columns) @ columns.T
     diagonal = 1 - columns.square().sum(1)
-    miss = outside.square().sum(1, keepdim=True) - 2 * outside + diagonal
+    expansion = outside.square().sum(1, keepdim=True) - 2 * outside + diagonal
     size = p.square().sum(1, keepdim=True) - 2 * p + 1
-    return (miss / size).argmin(1)
+    classes = (expansion / size).topk(min(SHORTLIST, p.shape[1]), dim=1, largest=False).indices
+    # Q onehot(c) = onehot(c) - U U_c^T for each listed class: rows x listed x C
+    eye = torch.eye(p.shape[1], dtype=p.dtype)
+    projected = eye[classes] - columns[classes] @ columns.T
+    miss = (outside[:, None, :] - projected).square().sum(2) / size.gather(1, classes)
+    return classes, miss.sqrt()
 
 
 def relative_miss(

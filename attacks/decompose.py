@@ -36,7 +36,7 @@ the samples told apart). The rest of the batch is counted by iLRG on the
 gradient with the separated samples' terms taken out. A vertex needs r - 1
 zeros; inputs with no zeros (after a global average pool, ResNets) are found by
 the column-space consistency of ``attacks.consistency`` instead, which runs
-first and needs 2r <= C. K = 64 on LeNet-5 (84 units, about 40 active) or on a
+first and needs C - r >= 1.5 (r - 1). K = 64 on LeNet-5 (84 units, about 40 active) or on a
 ResNet of 100 classes has neither, separates nothing, and the answer is iLRG's.
 """
 
@@ -45,18 +45,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import linprog
 from torch import nn
 
-from attacks.consistency import Consistency, new_samples
+from attacks.consistency import Consistency, accepted, determined, most_determined, new_samples
 from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
 from attacks.ilrg import ILRG
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
 from attacks.rlg import rounding_of, sketched_svd
+from attacks.vertex_programme import VertexProgramme
 
 #: a direction whose singular value is below this many times the noise's largest is not resolved
 RESOLVED_RATIO = 8.0
@@ -129,7 +128,12 @@ def subspace(matrix: torch.Tensor, rank_bound: int, precision: float) -> Subspac
     return Subspace(vh[:resolved].T.contiguous(), s[:resolved], noise)
 
 
-def simplex_vertices(space: Subspace, generator: torch.Generator) -> list[torch.Tensor]:
+def simplex_vertices(
+    space: Subspace,
+    generator: torch.Generator,
+    enough: int | None = None,
+    known: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """The samples among the vertices of {v in span : v >= 0, v[-1] = 1}, refined.
 
     Every sample's [e_n, 1] is non-negative with last coordinate 1, so the set
@@ -140,9 +144,10 @@ def simplex_vertices(space: Subspace, generator: torch.Generator) -> list[torch.
     it at one of the ends. The set can be larger than the hull (the
     non-negative part of the span has corners no sample is at); such a corner
     has only the r - 1 zeros where it was cut and is passed over, up to
-    ``SEARCH_FACTOR`` programmes per dimension in all. Coordinates where the
-    whole space vanishes (a unit no sample activates) are no constraint and are
-    left out.
+    ``SEARCH_FACTOR`` programmes per dimension in all, or until ``enough`` are
+    found. A search that goes on from an earlier one is given its vertices
+    (``known``, rows) and looks away from them. Coordinates where the whole space
+    vanishes (a unit no sample activates) are no constraint and are left out.
     """
     q = space.basis
     m, r = q.shape
@@ -151,13 +156,13 @@ def simplex_vertices(space: Subspace, generator: torch.Generator) -> list[torch.
     tolerance = space.tolerance(torch.eye(r, dtype=q.dtype)).amax()
     live = q.abs().amax(dim=1) > tolerance
     live[-1] = True
-    constraints = -q[live].numpy()
-    bounds = [(None, None)] * r
+    programme = VertexProgramme(q[live].numpy(), q[-1].numpy())
     found: list[tuple[torch.Tensor, float]] = []
-    coefficients: list[torch.Tensor] = []
+    coefficients: list[torch.Tensor] = [] if known is None else list(known @ q)
+    goal = min(r - len(coefficients), enough or r)
     idle = 0
     for _ in range(SEARCH_FACTOR * r):
-        if len(found) == r or idle == PATIENCE:
+        if len(found) >= goal or idle == PATIENCE:
             break
         idle += 1
         direction = torch.randn(r, dtype=q.dtype, generator=generator)
@@ -165,18 +170,10 @@ def simplex_vertices(space: Subspace, generator: torch.Generator) -> list[torch.
             basis = torch.linalg.qr(torch.stack(coefficients, dim=1))[0]
             direction -= basis @ (basis.T @ direction)
         for sign in (1.0, -1.0):
-            result = linprog(
-                -sign * direction.numpy(),
-                A_ub=constraints,
-                b_ub=np.zeros(constraints.shape[0]),
-                A_eq=q[-1:].numpy(),
-                b_eq=[1.0],
-                bounds=bounds,
-                method="highs",
-            )
-            if result.status != 0:
+            solution = programme.vertex(sign * direction.numpy())
+            if solution is None:
                 continue
-            vertex = torch.from_numpy(result.x)
+            vertex = torch.from_numpy(solution)
             if abs(float(vertex @ direction)) <= tolerance * float(direction.norm()):
                 continue  # on the hyperplane of those found: nothing new this way
             refined, zeros, error = refine(space, q @ vertex, live)
@@ -195,7 +192,7 @@ def simplex_vertices(space: Subspace, generator: torch.Generator) -> list[torch.
                 idle = 0
             elif error < found[same[0]][1]:
                 found[same[0]] = (refined, error)
-                coefficients[same[0]] = q.T @ refined
+                coefficients[len(coefficients) - len(found) + same[0]] = q.T @ refined
             break
     return [vector for vector, _ in found]
 
@@ -227,7 +224,10 @@ def refine(
     if count < q.shape[1] - 1:
         return vertex, count, error
     while True:
-        null = torch.linalg.svd(q[zero])[2][-1]
+        # Only the right singular vectors are wanted: the thin SVD skips the zeros x zeros U
+        # (4000 x 4000 on a VGG head), unless fewer rows than columns leave the null row out.
+        rows = q[zero]
+        null = torch.linalg.svd(rows, full_matrices=rows.shape[0] < rows.shape[1])[2][-1]
         refined = q @ null
         tolerance = float(space.tolerance(null[:, None])[0])  # the refined vector's own
         if refined[-1].abs() <= tolerance:
@@ -291,6 +291,9 @@ class Samples:
         """p_n - y_n: each sample's row of the classifier's output gradient (times K)."""
         onehot = nn.functional.one_hot(self.labels, self.probabilities.shape[1])
         return self.probabilities - onehot.to(self.probabilities.dtype)
+
+    def __getitem__(self, rows) -> Samples:
+        return Samples(self.embeddings[rows], self.probabilities[rows], self.labels[rows])
 
     def extended(self, more: Samples) -> Samples:
         return Samples(
@@ -405,12 +408,6 @@ def fit_rest(
     keep = torch.arange(inputs.shape[0])
     if keep.numel() == 0:
         return keep, keep
-    if inputs.shape[1] > inputs.shape[0] + residual.shape[0]:
-        # Every residual column and candidate input lies in the span of their rows: in an
-        # orthonormal basis of it the least squares are the same, on far fewer coordinates
-        # (a VGG head's 4097 against the candidates plus the C classes).
-        span = torch.linalg.qr(torch.cat([inputs, residual]).T)[0]
-        inputs, residual = inputs @ span, residual @ span
     labels, consistent = judge(keep)
     while not bool(consistent.all()) and keep.numel() > 1:
         trials = [judge(torch.cat([keep[:drop], keep[drop + 1 :]])) for drop in range(keep.numel())]
@@ -439,6 +436,14 @@ def identify(
     peel on the rest.
     """
     onehots = torch.eye(probabilities.shape[1], dtype=probabilities.dtype)
+    whole, whole_inputs = gradient, inputs
+    if inputs.shape[1] > inputs.shape[0]:
+        # Every term x_n lies in the candidates' span, and the peel and the joint fit see the
+        # gradient only through its part there: in an orthonormal basis of it both are the
+        # same on far fewer coordinates (a VGG head's 4097 against the candidates'). The part
+        # outside is common to both orders, so their residuals still compare.
+        span = torch.linalg.qr(inputs.T)[0]
+        gradient, inputs = gradient @ span, inputs @ span
 
     def remove(residual, rows, labels):
         errors = probabilities[rows] - onehots[labels]
@@ -483,71 +488,154 @@ def identify(
         return torch.nonzero(left).flatten()
 
     results = [peel_first(), fit_first()]
-    return max(results, key=lambda result: (result[0].numel(), -float(result[2].norm())))
+    rows, labels, _ = max(results, key=lambda result: (result[0].numel(), -float(result[2].norm())))
+    inputs = whole_inputs
+    return rows, labels, remove(whole, rows, labels)
 
 
 def batch_inputs(
-    gradient: torch.Tensor, num_images: int, precision: float, generator: torch.Generator
+    gradient: torch.Tensor,
+    num_images: int,
+    precision: float,
+    generator: torch.Generator,
+    enough: int | None = None,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Candidate inputs [a_n, 1] of a linear layer, as rows, from its gradient: the vertices of
     the non-negative part of its resolved row space that have a sample's zeros, each refined
-    to its zero pattern. Needs non-negative inputs (a ReLU before the layer); elsewhere no
-    vertex has more zeros than any vector of the space, and none come back."""
-    found = simplex_vertices(subspace(gradient, num_images, precision), generator)
+    to its zero pattern (at most ``enough``, besides the ``known`` ones). Needs non-negative inputs (a ReLU before the
+    layer); elsewhere no vertex has more zeros than any vector of the space, and none come
+    back."""
+    found = simplex_vertices(subspace(gradient, num_images, precision), generator, enough, known)
     if not found:
         return gradient.new_zeros(0, gradient.shape[1])
     return torch.stack(found)
 
 
-def search(gradient, samples, num_images, precision, generator, judge) -> tuple:
+def search(
+    gradient, samples, num_images, precision, generator, judge, enough=None, known=None
+) -> tuple:
     """``ROUNDS`` rounds of candidates from a layer's gradient, each judged by ``judge(residual,
-    candidate inputs, room)`` -> (samples, residual). A sample whose vertex a round missed is
-    still in what the samples found leave of the gradient, in a space with fewer others."""
+    candidate inputs, room, samples found so far, the residual's rank bound)`` -> (new
+    samples, residual), until
+    ``enough`` new samples are found (None: all). The gradient may still hold ``known``
+    samples (inputs as rows, of a search this one goes on from); it holds none of the others
+    found. A sample whose vertex a round missed is still in what the samples found leave of
+    the gradient, in a space with fewer others."""
     residual = gradient
+    goal = num_images if enough is None else min(num_images, len(samples) + enough)
     for _ in range(ROUNDS):
         room = num_images - len(samples)
-        if room == 0:
+        if len(samples) >= goal:
             break
-        inputs = batch_inputs(residual, room, precision, generator)
+        bound = room + (0 if known is None else known.shape[0])
+        inputs = batch_inputs(residual, bound, precision, generator, goal - len(samples), known)
+        known = None
         if inputs.shape[0] == 0:
             break
-        more, residual = judge(residual, inputs, room)
+        more, residual = judge(residual, inputs, room, samples, bound)
         if len(more) == 0:
             break
         samples = samples.extended(more)
     return samples, residual
 
 
-def consistent_search(gradient, samples, num_images, precision, weight, bias) -> tuple:
-    """Samples of the classifier from the column-space consistency (``attacks.consistency``)
-    in ``gradient`` (the classifier's, or what the samples found so far leave of it), round by
-    round while a round finds new ones: each round searches what the samples it found leave
-    (fewer samples, purer rows) and checks on ``gradient``.
+def consistent_search(whole, samples, num_images, precision, weight, bias) -> tuple:
+    """Samples of the classifier from the column-space consistency (``attacks.consistency``),
+    besides ``samples``, and what all of them leave of the gradient (``whole``'s). Round by
+    round while a round finds new ones: each searches what the samples found leave (fewer
+    samples, purer rows) and polishes and checks on the gradient the call started from
+    (``whole``, or what the samples given leave of it: their errors are then its noise).
 
-    Only while the search is determined: with r samples left, a point has r - 1 free
-    coordinates and C - r equations, so for 2r > C (K = 64 of 100 classes) every sample lies
-    on a manifold of points that fit as well, and nothing is searched.
+    Only while the search is well determined: with r samples left, a point has r - 1 free
+    coordinates and C - r equations; for 2r > C (K = 64 of 100 classes) every sample lies on
+    a manifold of points that fit as well, and until the equations are 1.5 times the
+    unknowns (``consistency.DETERMINED``) the points that fit lie too far from the samples.
     """
-    num_classes = weight.shape[0]
+    residual = leftover(whole.gradient, samples, num_images)
     room = num_images - len(samples)
-    if room == 0 or 2 * room > num_classes:
-        return samples, gradient
-    space = subspace(gradient, room, precision)
-    whole = Consistency.of(gradient, weight, bias, space.basis, space.singular, space.noise)
-    found = Samples.none(gradient.shape[1], num_classes)
-    residual, rest = gradient, whole  # the first round searches the gradient itself
-    while rest is not None and len(found) < room:
-        inputs, labels = new_samples(whole, rest, found.embeddings, weight, bias, num_images)
-        inputs, labels = inputs[: room - len(found)], labels[: room - len(found)]
+    if room == 0 or not determined(room, weight.shape[0]):
+        return samples, residual
+    base = whole if len(samples) == 0 else rest_of(residual, room, precision, weight, bias)
+    rest, start = base, len(samples)
+    while rest is not None and room > 0:
+        inputs, labels = new_samples(
+            base, rest, samples[start:].embeddings, weight, bias, num_images
+        )
+        inputs, labels = inputs[:room], labels[:room]
         if labels.numel() == 0:
             break
-        found = found.extended(Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels))
-        residual = gradient - found.errors().T @ found.embeddings / num_images
-        if len(found) == room:
-            break
-        space = subspace(residual, room - len(found), precision)
-        rest = Consistency.of(residual, weight, bias, space.basis, space.singular, space.noise)
-    return samples.extended(found), residual
+        samples = samples.extended(
+            Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels)
+        )
+        residual = leftover(whole.gradient, samples, num_images)
+        room = num_images - len(samples)
+        if room > 0:
+            rest = rest_of(residual, room, precision, weight, bias)
+    return samples, residual
+
+
+def rest_of(residual, room, precision, weight, bias) -> Consistency | None:
+    """The consistency problem of what the samples found leave, ``room`` samples at most."""
+    space = subspace(residual, room, precision)
+    return Consistency.of(residual, weight, bias, space.basis, space.singular, space.noise)
+
+
+def leftover(gradient, samples: Samples, num_images: int) -> torch.Tensor:
+    """The classifier's gradient less the terms of the samples found."""
+    return gradient - samples.errors().T @ samples.embeddings / num_images
+
+
+def consistent_take(whole, source, embeddings, found, weight, bias, num_images, room, floor):
+    """The candidate embeddings (rows [e, 1]) that are samples of the classifier, at most
+    ``room`` of them, and what all samples found leave of the gradient (``whole``'s; K < C).
+
+    Each candidate is tested by the column space of the gradient it came from (``source``:
+    ``whole``, or what the samples found before leave of it, whose noise then holds their
+    errors; None where nothing is resolved) with ``Consistency.fits``. A corner of the
+    vertex search that is no sample (two samples whose active units nest leave one beside
+    the larger) fits with no label and is dropped; a label that alone passes is the label,
+    even where the samples' terms overlap so much (probabilities far from one-hot) that the
+    peel's projections would pick another. Where several labels pass (few equations,
+    C - K small), the term the gradient holds decides among them (``identify``).
+    """
+    gradient = whole.gradient
+    if source is None:
+        return Samples.none(gradient.shape[1], weight.shape[0]), leftover(
+            gradient, found, num_images
+        )
+    classes, passing = source.fits(embeddings, weight, bias, num_images)
+    chosen = classes.gather(1, passing.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+    decided = torch.nonzero(passing.sum(1) == 1).flatten()
+    inputs, labels = accepted(
+        whole, embeddings[decided], chosen[decided], found.embeddings, weight, bias, num_images
+    )
+    more = Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels)[:room]
+    residual = leftover(gradient, found.extended(more), num_images)
+    ambiguous = torch.nonzero(passing.sum(1) > 1).flatten()
+    if ambiguous.numel() and len(more) < room:
+        candidates = embeddings[ambiguous]
+        rows, labels, _ = identify(
+            residual,
+            candidates,
+            softmax_rows(candidates[:, :-1], weight, bias),
+            num_images,
+            room - len(more),
+            floor,
+        )
+        allowed = ((classes[ambiguous][rows] == labels[:, None]) & passing[ambiguous][rows]).any(1)
+        inputs, labels = accepted(
+            whole,
+            candidates[rows[allowed]],
+            labels[allowed],
+            found.extended(more).embeddings,
+            weight,
+            bias,
+            num_images,
+        )
+        more = more.extended(Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels))
+        residual = leftover(gradient, found.extended(more), num_images)
+    return more, residual
 
 
 @register_attack("decompose")
@@ -592,44 +680,71 @@ class Decompose:
         # (p_y = 1 - 1e-9 is 1 in float32).
         floor = 2 * precision * math.sqrt(num_classes)
         residual = gradient
+        whole = None
         if num_images < num_classes:
+            # Every candidate embedding must also fit the column space (C - K equations):
+            # a corner of the vertex search that is no sample does not.
+            whole = rest_of(gradient, num_images, precision, weight, bias)
+        if whole is not None:
             # The classifier's own gradient has rank K only while K < C. The samples whose
             # output gradient the column space holds (any embedding, dense or not, and cheap;
             # while the search is determined), then the vertices of what they leave (inputs
             # with zeros), then once more where the vertices left a determined search.
             samples, residual = consistent_search(
-                gradient, samples, num_images, precision, weight, bias
+                whole, samples, num_images, precision, weight, bias
             )
-            samples, residual = search(
-                residual,
-                samples,
-                num_images,
-                precision,
-                generator,
-                lambda rest, embeddings, room: self._take(
-                    rest, embeddings, weight, bias, num_images, room, floor
-                ),
-            )
-            samples, residual = consistent_search(
-                residual, samples, num_images, precision, weight, bias
-            )
+            # A programme per vertex costs far more than the column-space search: the
+            # vertices only until what is left is well determined, then that
+            # search, then the rest of the vertices (of the same space: what the samples
+            # found so far leave can be tilted by a sample below the noise, and its
+            # corners are then no samples).
+            first = num_images - len(samples) - most_determined(num_classes)
+            polytope, before = residual, len(samples)
+            for enough in [first] * (first > 0) + [None]:
+                if len(samples) == num_images:
+                    break
+                samples, residual = search(
+                    polytope,
+                    samples,
+                    num_images,
+                    precision,
+                    generator,
+                    lambda rest, embeddings, room, found, bound: consistent_take(
+                        whole,
+                        whole
+                        if rest is gradient
+                        else rest_of(rest, bound, precision, weight, bias),
+                        embeddings,
+                        found,
+                        weight,
+                        bias,
+                        num_images,
+                        room,
+                        floor,
+                    ),
+                    enough,
+                    samples[before:].embeddings if len(samples) > before else None,
+                )
+                samples, residual = consistent_search(
+                    whole, samples, num_images, precision, weight, bias
+                )
         # While K < C a sample the classifier's residual no longer resolves is below every
         # layer's noise (its term in the hidden layer is W^T g_n times its input, as small).
         room = num_images - len(samples)
-        spent = (
-            num_images < num_classes and room > 0 and subspace(residual, room, precision).rank == 0
-        )
+        spent = whole is not None and room > 0 and subspace(residual, room, precision).rank == 0
         if len(samples) < num_images and not spent:
             hidden = self._hidden_route(shared, precision, generator, weight, bias, floor)
-            if hidden is not None and num_images < num_classes:
-                # Offered to the classifier's residual: a sample found twice no longer fits.
-                more, residual = self._take(
-                    residual,
+            if hidden is not None and whole is not None:
+                # Judged on the classifier: a sample found there already does not count twice.
+                more, residual = consistent_take(
+                    whole,
+                    whole,
                     hidden.embeddings,
+                    samples,
                     weight,
                     bias,
                     num_images,
-                    num_images - len(samples),
+                    room,
                     floor,
                 )
                 samples = samples.extended(more)
@@ -671,7 +786,7 @@ class Decompose:
         # p - y reaches it stretched by at most W's norm.
         stretch = float(torch.linalg.matrix_norm(weight, ord=2))
 
-        def judge(rest, inputs, room):
+        def judge(rest, inputs, room, _found, _bound):
             pre = inputs[:, :-1] @ hidden_weight.T + hidden_bias
             active = (pre > 0).to(pre.dtype)
             outputs = pre * active

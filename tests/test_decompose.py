@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from attacks import SharedGradients, build_attack
-from attacks.decompose import Decompose, hidden_layer
-from tests.helpers import TinyVictim, fitted_batch, shared_for
+from attacks.decompose import Decompose, batch_inputs, hidden_layer, rest_of
+from tests.helpers import TinyVictim, classifier_gradient, fitted_batch, shared_for
 from tests.test_stages import attack_in_process
 
 
@@ -157,3 +157,32 @@ def test_the_hidden_layer_is_found_through_pass_through_modules():
     # SiLU before the classifier: the embedding is not a ReLU output, no hidden route.
     model.features = nn.Sequential(nn.Linear(8, 16), nn.SiLU())
     assert hidden_layer(model, model.classifier) is None
+
+
+def test_a_corner_beside_nested_samples_is_no_sample():
+    # Sample 1 is half of sample 0 plus units of its own: its active units hold sample 0's,
+    # so sample 1 is no vertex of the row space's non-negative part; the corner 2 e_1 - e_0
+    # (sample 0's units at zero, more zeros than sample 1 has) is one in its place. The
+    # column space (C - K = 32 equations) gives that corner no label, and the samples theirs.
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.rand(8, 60, generator=generator, dtype=torch.float64)
+    embeddings *= torch.rand(8, 60, generator=generator, dtype=torch.float64) < 0.4
+    own = torch.rand(60, generator=generator, dtype=torch.float64) * (embeddings[0] == 0)
+    embeddings[1] = 0.5 * embeddings[0] + own * (torch.arange(60) % 2 == 0)
+    weight = torch.randn(40, 60, generator=generator, dtype=torch.float64)
+    bias = torch.randn(40, generator=generator, dtype=torch.float64)
+    labels = torch.randint(40, (8,), generator=generator)
+    shared, _, inputs = classifier_gradient(embeddings, weight, bias, labels)
+    gradient = torch.cat([shared.weight_grad, shared.bias_grad[:, None]], 1)
+    corner = 2 * inputs[1] - inputs[0]
+    assert float(corner.min()) >= 0 and int((corner == 0).sum()) > int((inputs[1] == 0).sum())
+    candidates = batch_inputs(gradient, 8, 2**-52, torch.Generator().manual_seed(0))
+    assert float(torch.cdist(corner[None], candidates).min()) <= 1e-8 * float(corner.norm())
+    whole = rest_of(gradient, 8, 2**-52, weight, bias)
+    classes, passing = whole.fits(torch.cat([inputs, corner[None]]), weight, bias, 8)
+    assert passing[:8].sum(1).tolist() == [1] * 8
+    assert classes[:8][passing[:8]].tolist() == labels.tolist()
+    assert not bool(passing[8].any())
+    restoration = build_attack("decompose")(shared)
+    assert restoration.separated == 8
+    assert sorted(restoration.sample_labels.tolist()) == sorted(labels.tolist())
