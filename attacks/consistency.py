@@ -138,20 +138,16 @@ class Consistency:
         """x_m^T G^+ g_n / K for every pair, with G^+ = V S^-1 U^T on the resolved part."""
         return ((inputs @ self.basis) / self.singular) @ (self.left.T @ errors.T) / num_images
 
-    def passes(self, errors, miss, ratios, allowed=None) -> torch.Tensor:
-        """Which inputs (with their output gradients ``errors``, relative ``miss`` and
-        Wedderburn ratio x^T G^+ g / K) are samples: g in the column space to within its
-        resolution, and the ratio 1 (it is 0 against another sample) to within ``allowed``.
-
-        For a point of the search, the ratio's error grows with the resolution as the
-        point's does: by default the threshold lies halfway, on a log scale, between the
-        resolution and 1."""
+    def passes(self, errors, miss, ratios) -> torch.Tensor:
+        """Which points of the search (with their output gradients ``errors``, relative
+        ``miss`` and Wedderburn ratio x^T G^+ g / K) are samples: g in the column space to
+        within its resolution, and the ratio 1 (it is 0 against another sample). The ratio's
+        error grows with the resolution as the point's does: the threshold lies halfway, on
+        a log scale, between the resolution and 1."""
         resolution = self.resolution(errors)
-        if allowed is None:
-            allowed = resolution.sqrt()
-        return (miss <= resolution) & ((ratios - 1).abs() <= allowed)
+        return (miss <= resolution) & ((ratios - 1).abs() <= resolution.sqrt())
 
-    def fits(self, inputs: torch.Tensor, weight, bias, num_images: int):
+    def fits(self, inputs: torch.Tensor, weight, bias, num_images: int, errors=None):
         """The labels with which each input [e, 1] (rows; e.g. a vertex of the row space's
         non-negative part) would be a sample: ``(classes, passing)``, both inputs x
         ``SHORTLIST``, the classes that fit the column space best and which of them pass.
@@ -163,21 +159,27 @@ class Consistency:
         rounding beside a sample fitted to 0.9999: 0.4% to 21%). Where C - K is small, two
         labels c and c' both pass when e_c - e_c' lies nearly in the column space: the
         equations do not decide between them.
+
+        An input known only to within a distance d (``errors``, one norm per input: a vertex
+        of a confident sample, whose term is small, is resolved roughly) moves g by
+        (diag(p) - p p^T) W delta, of norm at most 2 max_c p_c (1 - p_c) |W| d
+        (Gershgorin's bound on the first factor, the spectral norm of the second): that
+        share of |g| is allowed on top of the column space's resolution.
         """
         p = torch.softmax(inputs[:, :-1] @ weight.T + bias, dim=1)
         classes, miss = label_misses(p, self.columns)
         count, listed = classes.shape
         eye = torch.eye(p.shape[1], dtype=p.dtype)
-        errors = (p[:, None, :] - eye[classes]).reshape(count * listed, p.shape[1])
+        outputs = p[:, None, :] - eye[classes]  # inputs x listed x C
         coordinates = (inputs @ self.basis) / self.singular
-        ratios = (
-            coordinates[:, None, :]
-            * (errors @ self.left).reshape(count, listed, self.left.shape[1])
-        ).sum(2)
-        passing = self.passes(
-            errors, miss.reshape(-1), ratios.reshape(-1) / num_images, torch.tensor(0.5)
-        )
-        return classes, passing.reshape(count, listed)
+        ratios = (coordinates[:, None, :] * (outputs @ self.left)).sum(2) / num_images
+        flat = outputs.reshape(count * listed, p.shape[1])
+        resolution = self.resolution(flat).reshape(count, listed)
+        if errors is not None:
+            spread = 2 * (p * (1 - p)).amax(1) * torch.linalg.matrix_norm(weight, ord=2)
+            moved = spread * errors.to(p.dtype)
+            resolution = resolution + moved[:, None] / torch.linalg.vector_norm(outputs, dim=2)
+        return classes, (miss <= resolution) & ((ratios - 1).abs() <= 0.5)
 
 
 def determined(samples: int, num_classes: int) -> bool:

@@ -34,6 +34,9 @@ class Settings:
     #: the real data sets (``../shared/data``) and where the trained-stage case keeps its runs
     data_root: Path = REPO.parent / "shared" / "data"
     work_dir: Path = REPO / "benchmarks" / "work"
+    #: the trained-stage case's victims to run (folder names, e.g. ``vgg16_cifar100_seed1``);
+    #: empty: all of them
+    victims: tuple[str, ...] = ()
 
     def pick(self, full: int, quick: int) -> int:
         return quick if self.quick else full

@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.cases import CASES, ON_REQUEST, Settings
 from benchmarks.common import table
+from benchmarks.trained import victim_runs
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 
@@ -72,10 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         default=Settings.work_dir,
         help="trained: checkpoints and sweeps (reused when there)",
     )
+    parser.add_argument(
+        "--victims",
+        nargs="+",
+        default=(),
+        choices=[run[0] for run in victim_runs()],
+        help="trained: only these victims (and training seeds); default all",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings(
-        quick=args.quick, threads=args.threads, data_root=args.data_root, work_dir=args.work_dir
+        quick=args.quick,
+        threads=args.threads,
+        data_root=args.data_root,
+        work_dir=args.work_dir,
+        victims=tuple(args.victims),
     )
     started = time.perf_counter()
     results = []

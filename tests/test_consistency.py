@@ -51,7 +51,7 @@ def test_dense_embeddings_give_every_label_in_float64(seed):
     # The premise: confident samples up to 0.999, and no vertex of the row space is a sample.
     assert probabilities.max() >= 0.999
     gradient = stacked(shared)
-    assert batch_inputs(gradient, 24, 2.0**-52, torch.Generator().manual_seed(0)).shape[0] == 0
+    assert batch_inputs(gradient, 24, 2.0**-52, torch.Generator().manual_seed(0))[0].shape[0] == 0
     restoration = build_attack("decompose")(shared)
     assert restoration.separated == 24
     assert sorted(restoration.sample_labels.tolist()) == sorted(labels.tolist())

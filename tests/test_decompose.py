@@ -176,7 +176,7 @@ def test_a_corner_beside_nested_samples_is_no_sample():
     gradient = torch.cat([shared.weight_grad, shared.bias_grad[:, None]], 1)
     corner = 2 * inputs[1] - inputs[0]
     assert float(corner.min()) >= 0 and int((corner == 0).sum()) > int((inputs[1] == 0).sum())
-    candidates = batch_inputs(gradient, 8, 2**-52, torch.Generator().manual_seed(0))
+    candidates, _ = batch_inputs(gradient, 8, 2**-52, torch.Generator().manual_seed(0))
     assert float(torch.cdist(corner[None], candidates).min()) <= 1e-8 * float(corner.norm())
     whole = rest_of(gradient, 8, 2**-52, weight, bias)
     classes, passing = whole.fits(torch.cat([inputs, corner[None]]), weight, bias, 8)

@@ -1,7 +1,9 @@
 """The vertex search's warm-started programme against scipy's linprog, on the same polytopes."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -63,3 +65,30 @@ def test_building_a_programme_prints_nothing():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout == "[0.0, 1.0]\n" and done.stderr == ""
+
+
+def test_ctrl_c_during_the_programmes_interrupts():
+    # A process that solves programmes until stopped: SIGINT must reach Python and end it,
+    # however many solves it lands among (the solver runs no Python callback).
+    code = (
+        "import numpy as np, sys; from attacks.vertex_programme import VertexProgramme; "
+        "rng = np.random.default_rng(0); rows = np.abs(rng.standard_normal((400, 30))); "
+        "programme = VertexProgramme(rows, np.ones(30)); print('ready', flush=True)\n"
+        "while True: programme.vertex(rng.standard_normal(30))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(1.0)  # many programmes solved by now: the signal lands inside one
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    # An uncaught KeyboardInterrupt ends the interpreter by SIGINT itself (Python 3.8+).
+    assert proc.returncode == -signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt")
