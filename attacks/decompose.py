@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -699,6 +700,10 @@ class Decompose:
         # roughly resolved vertex fails them or passes with several labels, and the peel's
         # exact terms judge better (measured: 7.6 of 8 separated against 6.4).
         tested = whole is not None and num_classes - num_images >= TESTED * num_images
+        # (whole, source, embeddings, their errors, samples found, room) -> (new, residual)
+        take = partial(
+            consistent_take, weight=weight, bias=bias, num_images=num_images, floor=floor
+        )
         if whole is not None:
             # The classifier's own gradient has rank K only while K < C. The samples whose
             # output gradient the column space holds (any embedding, dense or not, and cheap;
@@ -708,14 +713,11 @@ class Decompose:
             )
             samples, residual = self._vertices(
                 whole,
-                tested,
+                take if tested else None,
                 samples,
                 residual,
-                num_images,
-                precision,
+                (weight, bias, num_images, precision),
                 generator,
-                weight,
-                bias,
                 floor,
             )
         # While K < C a sample the classifier's residual no longer resolves is below every
@@ -726,18 +728,7 @@ class Decompose:
             hidden = self._hidden_route(shared, precision, generator, weight, bias, floor)
             if hidden is not None and tested:
                 # Judged on the classifier: a sample found there already does not count twice.
-                more, residual = consistent_take(
-                    whole,
-                    whole,
-                    hidden.embeddings,
-                    None,
-                    samples,
-                    weight,
-                    bias,
-                    num_images,
-                    room,
-                    floor,
-                )
+                more, residual = take(whole, whole, hidden.embeddings, None, samples, room=room)
                 samples = samples.extended(more)
             elif hidden is not None and whole is not None:
                 more, residual = self._take(
@@ -748,22 +739,12 @@ class Decompose:
                 samples = hidden
         return self._complete(shared, gradient, samples)
 
-    def _vertices(
-        self,
-        whole,
-        tested,
-        samples,
-        residual,
-        num_images,
-        precision,
-        generator,
-        weight,
-        bias,
-        floor,
-    ) -> tuple:
+    def _vertices(self, whole, take, samples, residual, classifier, generator, floor) -> tuple:
         """The samples among the vertices of the classifier's row space, besides ``samples``,
-        judged by the column space where it has the equations for it (``tested``), by the
+        judged by the column space where it has the equations for it (``take``, a
+        ``consistent_take`` with the classifier bound; None: not enough equations), by the
         peel and the joint fit elsewhere; and what all of them leave of the gradient.
+        ``classifier``: (its weight, bias, the batch size K, the gradient's precision).
 
         A programme per vertex costs far more than the column-space search: where the
         candidates are tested, the vertices run only until what is left is well determined,
@@ -771,17 +752,16 @@ class Decompose:
         found so far leave can be tilted by a sample below the noise, and its corners are
         then no samples).
         """
-        gradient, num_classes = whole.gradient, weight.shape[0]
+        gradient, (weight, bias, num_images, precision) = whole.gradient, classifier
+        num_classes = weight.shape[0]
 
         def judge(rest, embeddings, errors, room, found, bound):
-            if not tested:
+            if take is None:
                 return self._take(rest, embeddings, weight, bias, num_images, room, floor)
             source = whole if rest is gradient else rest_of(rest, bound, precision, weight, bias)
-            return consistent_take(
-                whole, source, embeddings, errors, found, weight, bias, num_images, room, floor
-            )
+            return take(whole, source, embeddings, errors, found, room=room)
 
-        first = num_images - len(samples) - most_determined(num_classes) if tested else 0
+        first = num_images - len(samples) - most_determined(num_classes) if take else 0
         polytope, before = residual, len(samples)
         for enough in [first] * (first > 0) + [None]:
             if len(samples) == num_images:
