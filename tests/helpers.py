@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import torch
 from torch import nn
 
@@ -82,3 +86,36 @@ def fitted_batch(embeddings, weight, bias, confidence, fitted, generator, dtype=
     labels[fitted:] = random[fitted:]
     shared, probabilities, extended = classifier_gradient(embeddings, weight, bias, labels, dtype)
     return shared, labels, probabilities, extended
+
+
+class StreamWatcher:
+    """A child process's output pipe, read on a thread: a wait for a marker then has a deadline
+    that holds even while the child writes nothing (a blocking ``read`` on the test's thread
+    would not return to check it), and the pipe never fills and stalls the child."""
+
+    def __init__(self, stream) -> None:
+        self._fd = stream.fileno()
+        self._chunks: list[bytes] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self._fd, 4096):
+            self._chunks.append(chunk)
+
+    def text(self) -> str:
+        return b"".join(self._chunks).decode(errors="replace")
+
+    def wait_for(self, marker: str, timeout: float) -> bool:
+        """Whether ``marker`` appeared within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.text():
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return marker in self.text()
+            time.sleep(0.05)
+        return True
+
+    def finish(self, timeout: float = 30) -> str:
+        """Everything the child wrote, once the pipe closes (the child has ended)."""
+        self._thread.join(timeout)
+        return self.text()

@@ -13,6 +13,7 @@ import torch
 from experiment import runner
 from experiment.cli import build_parser
 from tests.conftest import REPO, answer_ctrl_c
+from tests.helpers import StreamWatcher
 
 
 def _comparable(results: dict) -> dict:
@@ -75,20 +76,18 @@ def test_interrupted_run_keeps_finished_tries_marked_incomplete(tmp_path):
     proc = subprocess.Popen(
         [*cmd, "--results", str(results)],
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
     try:
-        # Wait until the progress bar shows a finished try: a try of every method takes about
-        # half a second (decompose's linear programmes), more on a loaded machine, so a fixed
-        # wait after the bar appears could stop the run before its first try ends.
-        deadline = time.monotonic() + 240
-        seen = ""
-        while time.monotonic() < deadline and "1/100000" not in seen:
-            seen += proc.stderr.read(1)
+        # Wait until the progress bar shows a finished try: a try of every method takes a
+        # fraction of a second, more on a loaded machine, so a fixed wait after the bar
+        # appears could stop the run before its first try ends.
+        stderr = StreamWatcher(proc.stderr)
+        assert stderr.wait_for("1/100000", 240), stderr.text()[-2000:]
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        err = stderr.finish()
     finally:
         proc.kill()
     assert proc.returncode == 143  # 128 + SIGTERM
