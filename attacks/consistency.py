@@ -153,18 +153,21 @@ class Consistency:
         ``SHORTLIST``, the classes that fit the column space best and which of them pass.
 
         With the embedding given no coordinate is free, and the C - K equations test each
-        label; the ratio needs only to tell the input from another sample (within 1/2 of
-        1), since a vertex already has a sample's zero pattern and its ratio errs by more
-        than the resolution where a sample below the noise tilts the space (float32
-        rounding beside a sample fitted to 0.9999: 0.4% to 21%). Where C - K is small, two
-        labels c and c' both pass when e_c - e_c' lies nearly in the column space: the
-        equations do not decide between them.
+        label, and Wedderburn's ratio the input. Where C - K is small, two labels c and c'
+        both pass when e_c - e_c' lies nearly in the column space: the equations do not
+        decide between them.
 
-        An input known only to within a distance d (``errors``, one norm per input: a vertex
-        of a confident sample, whose term is small, is resolved roughly) moves g by
-        (diag(p) - p p^T) W delta, of norm at most 2 max_c p_c (1 - p_c) |W| d
-        (Gershgorin's bound on the first factor, the spectral norm of the second): that
-        share of |g| is allowed on top of the column space's resolution.
+        The ratio's threshold is the search points' (halfway, on a log scale, between the
+        resolution and 1), widened by what the input's own error allows. An input known only
+        to within a distance d (``errors``, one norm per input: a vertex of a confident
+        sample, whose term is small, is resolved roughly) moves g by (diag(p) - p p^T) W
+        delta, of norm at most 2 max_c p_c (1 - p_c) |W| d (Gershgorin's bound on the first
+        factor, the spectral norm of the second): that share of |g| is allowed on top of the
+        column space's resolution, and the ratio x^T G^+ g / K moves by at most
+        d (|S^-1 U^T g| + |S^-1 V^T x| 2 max_c p_c (1 - p_c) |W|) / K. Never more than 1/2,
+        which no longer tells a sample from another. A corner of the vertex search beside a
+        sample (an untrained VGG-16's embeddings nest often) is an exact vertex, d tiny: the
+        threshold stays tight, and the few percent it lies off the sample show.
         """
         p = torch.softmax(inputs[:, :-1] @ weight.T + bias, dim=1)
         classes, miss = label_misses(p, self.columns)
@@ -175,11 +178,20 @@ class Consistency:
         ratios = (coordinates[:, None, :] * (outputs @ self.left)).sum(2) / num_images
         flat = outputs.reshape(count * listed, p.shape[1])
         resolution = self.resolution(flat).reshape(count, listed)
+        allowed = resolution.sqrt()
         if errors is not None:
             spread = 2 * (p * (1 - p)).amax(1) * torch.linalg.matrix_norm(weight, ord=2)
             moved = spread * errors.to(p.dtype)
             resolution = resolution + moved[:, None] / torch.linalg.vector_norm(outputs, dim=2)
-        return classes, (miss <= resolution) & ((ratios - 1).abs() <= 0.5)
+            weights = torch.linalg.vector_norm((outputs @ self.left) / self.singular, dim=2)
+            reach = torch.linalg.vector_norm(coordinates, dim=1)
+            allowed = (
+                allowed
+                + errors.to(p.dtype)[:, None]
+                * (weights + reach[:, None] * spread[:, None])
+                / num_images
+            )
+        return classes, (miss <= resolution) & ((ratios - 1).abs() <= allowed.clamp_max(0.5))
 
 
 def determined(samples: int, num_classes: int) -> bool:
