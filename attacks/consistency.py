@@ -113,10 +113,7 @@ class Consistency:
     def miss(self, inputs: torch.Tensor) -> torch.Tensor:
         """Each input's relative miss |Q g| / |g| at its best label (inputs in the row space)."""
         p = torch.softmax((inputs @ self.basis) @ self.logits.T, dim=1)
-        labels = best_labels(p, self.columns)
-        g = p - torch.eye(p.shape[1], dtype=p.dtype)[labels]
-        outside = g - (g @ self.columns) @ self.columns.T
-        return torch.linalg.vector_norm(outside, dim=1) / torch.linalg.vector_norm(g, dim=1)
+        return label_misses(p, self.columns)[1].amin(1)
 
     def errors(self, inputs: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
         """Each input's best label and output gradient g = p - onehot(label)."""
@@ -124,14 +121,15 @@ class Consistency:
         labels = best_labels(p, self.columns)
         return labels, p - torch.eye(p.shape[1], dtype=p.dtype)[labels]
 
-    def resolution(self, errors: torch.Tensor) -> torch.Tensor:
-        """The relative miss allowed each output gradient g (rows): the noise moves the column
-        space's direction of singular value s by about noise * scale / s, and g has the
-        weights U^T g on those directions; 16 times that, and never below the working
-        precision's."""
+    def resolution(self, errors: torch.Tensor, weights: torch.Tensor | None = None):
+        """The relative miss allowed each output gradient g (rows, or any leading shape): the
+        noise moves the column space's direction of singular value s by about
+        noise * scale / s, and g has the weights |S^-1 U^T g| on those directions (given, or
+        computed here); 16 times that, and never below the working precision's."""
         scale = math.sqrt(self.gradient.shape[0]) + math.sqrt(self.gradient.shape[1])
-        weights = torch.linalg.vector_norm((errors @ self.left) / self.singular, dim=1)
-        angle = self.noise * scale * weights / torch.linalg.vector_norm(errors, dim=1)
+        if weights is None:
+            weights = torch.linalg.vector_norm((errors @ self.left) / self.singular, dim=-1)
+        angle = self.noise * scale * weights / torch.linalg.vector_norm(errors, dim=-1)
         return ACCEPT_FACTOR * angle.clamp_min(torch.finfo(errors.dtype).eps)
 
     def ratios(self, inputs: torch.Tensor, errors: torch.Tensor, num_images: int) -> torch.Tensor:
@@ -171,20 +169,19 @@ class Consistency:
         """
         p = torch.softmax(inputs[:, :-1] @ weight.T + bias, dim=1)
         classes, miss = label_misses(p, self.columns)
-        count, listed = classes.shape
         eye = torch.eye(p.shape[1], dtype=p.dtype)
         outputs = p[:, None, :] - eye[classes]  # inputs x listed x C
-        coordinates = (inputs @ self.basis) / self.singular
-        ratios = (coordinates[:, None, :] * (outputs @ self.left)).sum(2) / num_images
-        flat = outputs.reshape(count * listed, p.shape[1])
-        resolution = self.resolution(flat).reshape(count, listed)
+        weighted = (outputs @ self.left) / self.singular  # S^-1 U^T g, inputs x listed x r
+        coordinates = inputs @ self.basis  # x^T V
+        ratios = (coordinates[:, None, :] * weighted).sum(2) / num_images  # x^T G^+ g / K
+        weights = torch.linalg.vector_norm(weighted, dim=2)
+        resolution = self.resolution(outputs, weights)
         allowed = resolution.sqrt()
         if errors is not None:
             spread = 2 * (p * (1 - p)).amax(1) * torch.linalg.matrix_norm(weight, ord=2)
             moved = spread * errors.to(p.dtype)
             resolution = resolution + moved[:, None] / torch.linalg.vector_norm(outputs, dim=2)
-            weights = torch.linalg.vector_norm((outputs @ self.left) / self.singular, dim=2)
-            reach = torch.linalg.vector_norm(coordinates, dim=1)
+            reach = torch.linalg.vector_norm(coordinates / self.singular, dim=1)
             allowed = (
                 allowed
                 + errors.to(p.dtype)[:, None]

@@ -281,6 +281,11 @@ class Samples:
     labels: torch.Tensor  # n
 
     @classmethod
+    def labelled(cls, inputs: torch.Tensor, labels: torch.Tensor, weight, bias) -> Samples:
+        """Inputs [e, 1] (rows) with their labels; their probabilities from the classifier."""
+        return cls(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels)
+
+    @classmethod
     def none(cls, dim: int, num_classes: int) -> Samples:
         empty = torch.zeros(0, dim, dtype=torch.float64)
         return cls(
@@ -572,9 +577,7 @@ def consistent_search(whole, samples, num_images, precision, weight, bias) -> tu
         inputs, labels = inputs[:room], labels[:room]
         if labels.numel() == 0:
             break
-        samples = samples.extended(
-            Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels)
-        )
+        samples = samples.extended(Samples.labelled(inputs, labels, weight, bias))
         residual = leftover(whole.gradient, samples, num_images)
         room = num_images - len(samples)
         if room > 0:
@@ -620,7 +623,7 @@ def consistent_take(
     inputs, labels = accepted(
         whole, embeddings[decided], chosen[decided], found.embeddings, weight, bias, num_images
     )
-    more = Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels)[:room]
+    more = Samples.labelled(inputs, labels, weight, bias)[:room]
     residual = leftover(gradient, found.extended(more), num_images)
     ambiguous = torch.nonzero(passing.sum(1) > 1).flatten()
     if ambiguous.numel() and len(more) < room:
@@ -643,7 +646,7 @@ def consistent_take(
             bias,
             num_images,
         )
-        more = more.extended(Samples(inputs, softmax_rows(inputs[:, :-1], weight, bias), labels))
+        more = more.extended(Samples.labelled(inputs, labels, weight, bias))
         residual = leftover(gradient, found.extended(more), num_images)
     return more, residual
 
