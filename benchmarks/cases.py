@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import Result, format_seconds, quartiles, seconds
+from benchmarks.flower_audit import flower_audit
 from benchmarks.trained import trained_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -541,6 +542,7 @@ CASES = {
     "chunking": chunked_gradients,
     "attack_py": attack_end_to_end,
     "gpu": gpu_resnet50,
+    "flower": flower_audit,
     "trained": trained_stages,
 }
 #: cases that run only when named with --only (they train victims: tens of minutes)

@@ -6,7 +6,14 @@ import sys
 
 from tests.conftest import REPO
 
-PACKAGES = ("attacks", "experiment", "callbacks", "datamodules", "lightning_modules")
+PACKAGES = (
+    "attacks",
+    "experiment",
+    "callbacks",
+    "datamodules",
+    "lightning_modules",
+    "integrations",
+)
 
 
 def module_name(path) -> str:
@@ -116,7 +123,6 @@ def test_attacks_do_not_import_the_harness():
 
 
 def test_import_attacks_pulls_no_lightning_and_no_option_code():
-    # A fresh interpreter: this test process has imported everything already.
     code = (
         "import sys\n"
         "import attacks, attacks.defenses, attacks.local_update, attacks.reconstruction\n"
@@ -127,8 +133,26 @@ def test_import_attacks_pulls_no_lightning_and_no_option_code():
         "and m != 'experiment.errors')\n"
         "print(' '.join(loaded))\n"
     )
+    assert printed_by(code) == ""
+
+
+def printed_by(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter (this test process has imported everything)."""
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ""
+    return done.stdout.strip()
+
+
+def test_only_integrations_import_integrations_and_the_core_needs_no_flower():
+    graph = import_graph()
+    for module, targets in graph.items():
+        if module.split(".")[0] != "integrations":
+            assert not {t for t in targets if t.startswith("integrations")}, module
+    code = (
+        "import sys\n"
+        "import attacks, experiment.runner, callbacks, integrations.audit\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray'))))\n"
+    )
+    assert printed_by(code) == ""
