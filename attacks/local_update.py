@@ -146,16 +146,22 @@ def client_update(
     ``model`` (what the server sent) is left as it is; a float64 copy trains.
     """
     local = local_copy(model)
-    start = {name: p.detach().double() for name, p in model.named_parameters() if p.requires_grad}
     steps = train_locally(local, images.double(), labels, training, generator)
-    trained = dict(local.named_parameters())
+    return update_as_gradients(model, local, training, steps), steps
+
+
+def update_as_gradients(
+    model: nn.Module, trained: nn.Module, training: LocalTraining, steps: int
+) -> dict[str, torch.Tensor]:
+    """(W_sent - W_trained) / (lr x steps) of every trainable parameter, in float64, kept in the
+    sent parameter's dtype: what the server attacks of a FedAvg update."""
     scale = training.lr * steps
-    sent = dict(model.named_parameters())
-    grads = {
-        name: ((weights - trained[name].detach()) / scale).to(sent[name].dtype)
-        for name, weights in start.items()
+    ends = dict(trained.named_parameters())
+    return {
+        name: ((p.detach().double() - ends[name].detach().double()) / scale).to(p.dtype)
+        for name, p in model.named_parameters()
+        if p.requires_grad
     }
-    return grads, steps
 
 
 def end_weights(

@@ -91,6 +91,29 @@ class InstanceRecall(_PerBatchMean):
         return hits / true_counts.long().sum(dim=-1).double()
 
 
+class TargetLabelAccuracy(_PerBatchMean):
+    """One sample's label, guessed by an attacker who knows every other label of the batch:
+    the game differential privacy bounds (``attacks.dp_sgd.label_accuracy_bound``).
+
+    With restored counts k' and true counts k, the attacker who knows the batch without the
+    target (k - e_y) guesses the class where k' - (k - e_y) is largest (ties: each tied class
+    with equal chance). Averaged over every sample of the batch as the target, so a batch
+    scores sum_c k_c P[guess = c | target in class c] / K. An exact attack scores 1.
+    """
+
+    def batch_scores(self, restored, true_counts):
+        restored, true_counts = restored.long(), true_counts.long()
+        num_classes = true_counts.shape[-1]
+        excess = (restored - true_counts).double()
+        # guesses[b, c, :]: the attacker's scores when the target is of class c
+        guesses = excess[:, None, :] + torch.eye(num_classes, dtype=torch.float64)
+        best = guesses.max(dim=-1, keepdim=True).values
+        tied = (guesses == best).sum(dim=-1)
+        right = torch.diagonal(guesses, dim1=-2, dim2=-1) == best[..., 0]
+        hits = right.double() / tied
+        return (true_counts.double() * hits).sum(dim=-1) / true_counts.sum(dim=-1).double()
+
+
 def metric_set(
     restores_counts: bool, simplified: bool = False, **metric_options
 ) -> dict[str, _PerBatchMean]:

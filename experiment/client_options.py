@@ -7,12 +7,15 @@ command line; this module turns ``attack.py``'s options into their objects.
 from __future__ import annotations
 
 import argparse
+import math
 
 from attacks.defenses import DEFENSES, Defense
+from attacks.dp_sgd import Privacy
 from attacks.local_update import DEFAULT_LOCAL_LR, LOCAL_OPTIMIZERS, MOMENTUM, LocalTraining
 from experiment.config import AttackConfig
 from experiment.errors import UserError
 from experiment.options import (
+    bounded_float,
     non_negative_float,
     non_negative_int,
     percentage,
@@ -68,6 +71,32 @@ def add_local_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: the DP-SGD client's name among the defenses
+DPSGD = "dpsgd"
+_positive = bounded_float(0, low_open=True)
+
+
+def _is_infinity(value) -> bool:
+    # a command line gives text; a --config file's YAML may give the float .inf
+    return str(value).strip().lower() in ("inf", "+inf", "infinity", ".inf")
+
+
+def epsilon_value(text) -> float:
+    """A privacy budget: a finite number > 0, or inf (no noise)."""
+    return math.inf if _is_infinity(text) else _positive(text)
+
+
+epsilon_value.__name__ = "float"
+
+
+def clip_norm(text) -> float:
+    """A clip norm: a finite number > 0, or inf (no clipping)."""
+    return math.inf if _is_infinity(text) else _positive(text)
+
+
+clip_norm.__name__ = "float"
+
+
 def build_defense(config: AttackConfig, seed: int) -> Defense | None:
     """The defense the options ask for, or None; raises ``UserError`` on an incomplete request."""
     if not config.defense:
@@ -78,8 +107,36 @@ def build_defense(config: AttackConfig, seed: int) -> Defense | None:
         return None
     if config.defense_method is None:
         raise UserError(f"--defense needs --defense_method; valid methods: {', '.join(DEFENSES)}")
+    if config.defense_method == DPSGD:
+        return None  # not a transform of the gradients: the client itself trains privately
     method = DEFENSES[config.defense_method]
     return Defense(method, getattr(config, method.parameter), seed)
+
+
+def build_privacy(config: AttackConfig) -> Privacy | None:
+    """``--defense_method dpsgd``'s protocol, its noise from ``--target_epsilon`` through the
+    accountant (each sample is in E steps, 1 under FedSGD) or ``--noise_multiplier``; None
+    without it. The DP-SGD options without dpsgd are an error, never ignored."""
+    given = [
+        f"--{name}"
+        for name in ("target_epsilon", "noise_multiplier")
+        if getattr(config, name) is not None
+    ]
+    if not (config.defense and config.defense_method == DPSGD):
+        if given:
+            raise UserError(f"{', '.join(given)} set DP-SGD; add --defense --defense_method dpsgd")
+        return None
+    if len(given) != 1:
+        raise UserError(
+            "--defense_method dpsgd needs exactly one of --target_epsilon and --noise_multiplier"
+            + (", got both" if given else "")
+        )
+    steps = max(config.local_epochs, 1)
+    if config.target_epsilon is not None:
+        return Privacy.for_epsilon(
+            config.target_epsilon, config.target_delta, config.max_grad_norm, steps
+        )
+    return Privacy(config.max_grad_norm, config.noise_multiplier, config.target_delta)
 
 
 def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,10 +148,11 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--defense_method",
-        choices=list(DEFENSES),
+        choices=[*DEFENSES, DPSGD],
         default=None,
         help="dp: Gaussian noise; clip: global-norm clipping; sparse: zero the smallest entries; "
-        "soteria (= perturb): prune the weight-gradient columns of the least sensitive features",
+        "soteria (= perturb): prune the weight-gradient columns of the least sensitive features; "
+        "dpsgd: the client trains with DP-SGD through Opacus (per-sample clipping and noise)",
     )
     group.add_argument(
         "--noise_std",
@@ -119,4 +177,28 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
         type=percentage,
         default=10.0,
         help="soteria: percent of embedding features pruned",
+    )
+    group.add_argument(
+        "--target_epsilon",
+        type=epsilon_value,
+        default=None,
+        help="dpsgd: the epsilon the client spends (inf: no noise); the noise from the accountant",
+    )
+    group.add_argument(
+        "--noise_multiplier",
+        type=non_negative_float,
+        default=None,
+        help="dpsgd: the noise's std over the clip norm, instead of --target_epsilon",
+    )
+    group.add_argument(
+        "--target_delta",
+        type=bounded_float(0, 1, low_open=True, high_open=True),
+        default=1e-5,
+        help="dpsgd: the delta of (epsilon, delta)",
+    )
+    group.add_argument(
+        "--max_grad_norm",
+        type=clip_norm,
+        default=1.0,
+        help="dpsgd: each sample's gradient is clipped to this L2 norm (inf: no clipping)",
     )

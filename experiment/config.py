@@ -86,6 +86,10 @@ class AttackConfig:
     clip_bound: float = 4.0
     sparse_ratio: float = 10.0
     prune_ratio: float = 10.0
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
 
     # error analysis
     analysis: bool = False

@@ -26,11 +26,12 @@ from attacks import (
     check_attack_name,
 )
 from attacks.defenses import describe_defense
+from attacks.dp_sgd import Privacy
 from attacks.local_update import (
     LocalTraining,
 )
 from experiment.batch_fit import batch_fit_summary
-from experiment.client_options import build_defense, build_local_training
+from experiment.client_options import build_defense, build_local_training, build_privacy
 from experiment.config import AttackConfig
 from experiment.errors import UserError
 from experiment.extension import Extension
@@ -70,6 +71,8 @@ class Setup:
     describe: dict = field(default_factory=dict)
     #: FedAvg's local training on the client (``--local_epochs``); None: FedSGD, one gradient
     local_training: LocalTraining | None = None
+    #: the client trains with DP-SGD (``--defense_method dpsgd``); None: it does not
+    privacy: Privacy | None = None
 
 
 def needing_auxiliary(config: AttackConfig) -> tuple[str, ...]:
@@ -224,6 +227,7 @@ def prepare(config: AttackConfig) -> Setup:
     method_names(config)  # unknown names fail before any data is read
     defense = build_defense(config, config.seed)
     local_training = build_local_training(config)
+    privacy = build_privacy(config)
     num_classes, input_shape, _ = dataset_info(config.dataset)
     check_network_fits(config.model, tuple(input_shape), **network_options(config))
     device = choose_device(config.accelerator)
@@ -259,6 +263,10 @@ def prepare(config: AttackConfig) -> Setup:
         )
     network = trained.network if trained else build_victim(config, num_classes, input_shape)
     model = network.to(device).eval()
+    if privacy is not None and not privacy.is_plain:
+        from attacks.dp_sgd import check_supported
+
+        check_supported(model)
     options = {
         "alpha": config.alpha,
         "estimate": config.estimate,
@@ -283,8 +291,13 @@ def prepare(config: AttackConfig) -> Setup:
         defense=defense,
         describe=describe,
         local_training=local_training,
+        privacy=privacy,
     )
     setup.describe["defense"] = describe_defense(defense)
+    if privacy is not None:
+        # each sample is in E local steps (one gradient under FedSGD); the bound on guessing
+        # one sample's label takes the attacked split's class frequencies as the prior
+        setup.describe["defense"] = privacy.describe(max(config.local_epochs, 1), class_sizes)
     setup.describe["local_training"] = local_training.describe() if local_training else None
     if config.analysis:
         from experiment.analysis import ErrorAnalysis
@@ -370,7 +383,8 @@ def run(setup: Setup, run_dir: Path | None, logger=None) -> dict | None:
         writer.flush()
     if records:
         # The table is the run's result (stdout); a run that failed before its first try has none.
-        log.info("\ndefense: %s\n%s", setup.defense or "none", format_table(scores), extra=RESULT)
+        defense = setup.defense or setup.privacy or "none"
+        log.info("\ndefense: %s\n%s", defense, format_table(scores), extra=RESULT)
         for extension in setup.extensions:
             text = extension.table()
             if text:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from attacks.dp_sgd import private_gradient, private_steps
 from attacks.gradients import batch_gradients, share
 from attacks.local_update import LocalUpdate, client_update, end_weights
 from experiment.batch_fit import batch_fit
@@ -69,11 +70,17 @@ def client_gradients(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """What the client shares as gradients, and its optimizer steps: one gradient of the batch
     (FedSGD, 1 step), or its FedAvg update divided by lr x steps."""
-    config = setup.config
-    if setup.local_training is None:
+    config, privacy = setup.config, setup.privacy
+    private = privacy is not None and not privacy.is_plain
+    if setup.local_training is None and not private:
         return batch_gradients(setup.model, load_chunks(setup, indices), config.num_images), 1
-    # Local training revisits every sample each epoch: the whole batch is held at once.
+    # Local training revisits every sample each epoch, and DP-SGD takes every sample's own
+    # gradient: the whole batch is held at once.
     images, labels = map(torch.cat, zip(*load_chunks(setup, indices)))
+    if private and setup.local_training is None:
+        return private_gradient(setup.model, images, labels, privacy, generator), 1
+    if private:
+        return private_steps(setup.model, images, labels, privacy, setup.local_training, generator)
     return client_update(setup.model, images, labels, setup.local_training, generator)
 
 

@@ -44,11 +44,12 @@ VICTIM_OPTIONS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiment.client_options import add_local_training_arguments
+    from experiment.client_options import add_local_training_arguments, clip_norm, epsilon_value
     from experiment.options import (
         OneLineParser,
         add_data_source_arguments,
         add_network_arguments,
+        non_negative_float,
         positive_float,
         positive_int,
     )
@@ -120,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--exp_name", default="flower")
     audit.add_argument("--quiet", action="store_true", help="no progress bar")
     add_local_training_arguments(parser)
+    private = parser.add_argument_group("DP-SGD clients (attacks.dp_sgd, through Opacus)")
+    private.add_argument(
+        "--target_epsilon",
+        type=epsilon_value,
+        default=None,
+        help="each client trains with DP-SGD spending this epsilon over all rounds",
+    )
+    private.add_argument(
+        "--noise_multiplier",
+        type=non_negative_float,
+        default=None,
+        help="instead of --target_epsilon",
+    )
+    private.add_argument("--target_delta", type=positive_float, default=1e-5)
+    private.add_argument(
+        "--max_grad_norm", type=clip_norm, default=1.0, help="per-sample clip norm"
+    )
     # attack.py's options, but a federation averages updates: E >= 1 (E = 0 is refused by
     # LocalTraining in one line)
     parser.set_defaults(local_epochs=1)
@@ -258,6 +276,7 @@ def prepare(args) -> Plan:
     training = LocalTraining(
         args.local_epochs, args.local_batch_size, args.local_lr, args.local_optimizer
     )
+    privacy = private_protocol(args)
     # The victim as attack.py builds it: a checkpoint brings its network, data set and the
     # partition train.py trained on (for --split fit_train / fit_val).
     options = {name: getattr(args, name) for name in VICTIM_OPTIONS}
@@ -315,7 +334,11 @@ def prepare(args) -> Plan:
         "client_precision": args.client_precision,
         "client_classes": [int(torch.unique(labels).numel()) for _, labels in clients],
     }
+    if privacy is not None:
+        prior = torch.bincount(view.targets, minlength=num_classes)
+        describe["privacy"] = privacy.describe(args.num_rounds * args.local_epochs, prior)
     return Plan(
+        privacy=privacy,
         args=args,
         model=model,
         training=training,
@@ -327,6 +350,23 @@ def prepare(args) -> Plan:
 
 
 # --- the Flower apps ----------------------------------------------------------------------
+
+
+def private_protocol(args):
+    """The clients' DP-SGD protocol, or None. Each sample is in E steps a round, every round."""
+    from attacks.dp_sgd import Privacy
+    from experiment.errors import UserError
+
+    if args.target_epsilon is not None and args.noise_multiplier is not None:
+        raise UserError("give --target_epsilon or --noise_multiplier, not both")
+    if args.target_epsilon is not None:
+        steps = args.num_rounds * args.local_epochs
+        return Privacy.for_epsilon(
+            args.target_epsilon, args.target_delta, args.max_grad_norm, steps
+        )
+    if args.noise_multiplier is not None:
+        return Privacy(args.max_grad_norm, args.noise_multiplier, args.target_delta)
+    return None
 
 
 def client_generator(seed: int, server_round: int, client: int):
@@ -344,10 +384,11 @@ def client_app(plan: Plan):
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
+    from attacks.dp_sgd import train_privately
     from attacks.local_update import local_copy, train_locally
     from integrations.audit import loaded
 
-    template, training, clients = plan.model, plan.training, plan.clients
+    template, training, clients, privacy = plan.model, plan.training, plan.clients, plan.privacy
     seed, precision = plan.args.seed, plan.args.client_precision
     report_labels, num_classes = plan.args.report_labels, plan.num_classes
     app = ClientApp()
@@ -360,7 +401,10 @@ def client_app(plan: Plan):
         server_round = int(message.content["config"]["server-round"])
         local = local_copy(model)
         generator = client_generator(seed, server_round, client)
-        train_locally(local, images.double(), labels, training, generator)
+        if privacy is None or privacy.is_plain:
+            train_locally(local, images.double(), labels, training, generator)
+        else:
+            train_privately(local, images, labels, privacy, training, generator)
         state = local.state_dict()
         if precision == "float32":
             state = {name: value.float() for name, value in state.items()}
@@ -560,6 +604,9 @@ def summary_text(plan: Plan, outcome: dict, run_dir) -> str:
         f" FedAvg E={args.local_epochs} B={plan.training.batch_for(args.num_images)}"
         f" lr={args.local_lr}, {args.num_rounds} rounds on {args.backend}"
     )
+    if plan.privacy is not None:
+        spent = plan.describe["privacy"]["epsilon"]
+        what += f"; DP-SGD clients: {plan.privacy}, epsilon {spent:.3g} over all rounds"
     lines = [what, f"federation: {outcome['seconds']:.1f} s"]
     audit = outcome.get("audit")
     if audit is not None:
