@@ -16,12 +16,17 @@ Accounting. Opacus' accountants assume Poisson sampling; this client visits
 its K samples in shuffled, disjoint mini-batches, each sample once per epoch,
 so no amplification by subsampling is claimed: each sample is in E steps (1
 under FedSGD), each a Gaussian mechanism of noise multiplier sigma, and the
-accountant composes E of them at sampling rate 1. That epsilon is for Opacus'
-add/remove-one neighbours (one clipped gradient more or less: sensitivity C).
-Changing one sample's label replaces a sample: the sum moves by up to 2C, so
-the guarantee for a label is that of noise multiplier sigma / 2
+accountant composes E of them at sampling rate 1 (``Privacy.epsilon``, in
+Opacus' add/remove-one convention: one clipped gradient more or less moves the
+sum by C). Changing one sample's label replaces a sample, and for replace-one
+neighbours the analysis is exact for this client: the shuffle's positions do
+not change, so within an epoch only the replaced sample's own step differs
+(parallel composition), and there the sum moves by up to 2C. The label's
+guarantee is therefore that of noise multiplier sigma / 2 over E steps
 (``Privacy.label_epsilon``), which is what bounds label inference
-(``label_accuracy_bound``).
+(``label_accuracy_bound``). Strictly, adding or removing a sample re-deals a
+shuffled epoch's batches, so the add/remove epsilon is Opacus' convention
+applied to the same step count, not a theorem about this client.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ ACCOUNTANT = "prv"
 OPACUS_NORM_EPSILON = 1e-6
 
 
-def _opacus():
+def require_opacus():
     try:
         import opacus  # noqa: F401
     except ImportError as err:
@@ -88,7 +93,8 @@ def check_supported(model: nn.Module) -> None:
         if "training mode" not in str(error)
     ]
     if errors:
-        first = str(errors[0]).strip().splitlines()[0]
+        # Opacus explains at length; its first sentence names the layer's problem
+        first = str(errors[0]).strip().splitlines()[0].split(". ")[0].rstrip(".")
         raise UserError(
             f"DP-SGD cannot train this model: {first} (batch norm mixes the samples of a batch; "
             "train and attack a model without --batchnorm, or replace it with GroupNorm through "
@@ -98,6 +104,8 @@ def check_supported(model: nn.Module) -> None:
 
 def epsilon_of(noise_multiplier: float, steps: int, delta: float) -> float:
     """Opacus' epsilon (add/remove-one) after ``steps`` Gaussian mechanisms at sampling rate 1."""
+    if steps == 0:
+        return 0.0  # nothing released yet (train.py's untrained stage)
     if noise_multiplier == 0:
         return math.inf
     from opacus.accountants import create_accountant
@@ -112,7 +120,7 @@ def noise_for(target_epsilon: float, steps: int, delta: float) -> float:
     """The noise multiplier sigma that spends ``target_epsilon`` in ``steps`` steps (0 for inf)."""
     if math.isinf(target_epsilon):
         return 0.0
-    _opacus()
+    require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     with quiet_accounting():
@@ -130,15 +138,24 @@ def noise_for(target_epsilon: float, steps: int, delta: float) -> float:
 def label_accuracy_bound(label_epsilon: float, delta: float, prior: torch.Tensor) -> float:
     """The best accuracy any attacker can have guessing one sample's label from an
     (epsilon, delta)-DP output under replace-one neighbours, the label drawn from ``prior``
-    (the attacker may know everything else): pi e^eps / (pi e^eps + 1 - pi) + delta with pi the
-    largest prior probability; e^eps / (e^eps + C - 1) + delta for a uniform prior. Capped at 1.
+    (class weights) and everything else known to the attacker.
+
+    With a_c the chance of guessing c when the label is c, DP gives, for every c' != c,
+    P[guess c | label c'] >= (a_c - delta) e^-eps; the guesses' chances sum to 1 under every
+    label, so sum_c pi_c a_c + e^-eps sum_c (1 - pi_c)(a_c - delta) <= 1. The accuracy
+    sum_c pi_c a_c is largest with every guess on the likeliest class pi*:
+
+        accuracy <= pi* e^eps / (pi* e^eps + 1 - pi*) + delta (C - 1) pi* / (pi* e^eps + 1 - pi*)
+
+    which for a uniform prior is (e^eps + delta (C - 1)) / (e^eps + C - 1). Capped at 1.
     """
-    largest = float(prior.max()) / float(prior.sum())
+    weights = prior.double() / prior.double().sum()
+    largest, num_classes = float(weights.max()), weights.numel()
     if math.isinf(label_epsilon):
         return 1.0
-    # in log space: e^eps overflows a float at eps > 709
-    odds = math.exp(min(label_epsilon, 700.0)) * largest
-    return min(1.0, odds / (odds + 1 - largest) + delta)
+    odds = math.exp(min(label_epsilon, 700.0))  # e^eps overflows a float beyond 709
+    denominator = largest * odds + 1 - largest
+    return min(1.0, (largest * odds + delta * (num_classes - 1) * largest) / denominator)
 
 
 @dataclass(frozen=True)
@@ -248,7 +265,7 @@ def train_privately(
     """``train_locally`` with DP-SGD, in place on ``local`` (a float64 copy): E epochs of
     shuffled mini-batches of B, each step Opacus' clipped, noised mean gradient (noise drawn
     from ``generator``). Returns the steps taken. ``local`` is left in training mode."""
-    _opacus()
+    require_opacus()
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -291,7 +308,7 @@ def private_gradient(
 ) -> dict[str, torch.Tensor]:
     """A FedSGD client's DP-SGD gradient of its K samples: (sum of clipped per-sample gradients
     + N(0, sigma^2 C^2 I)) / K, in float64 and kept in the parameters' dtypes."""
-    _opacus()
+    require_opacus()
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 

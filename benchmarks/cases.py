@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import Result, format_seconds, quartiles, seconds
+from benchmarks.dp_cost import dp_client_cost
 from benchmarks.flower_audit import flower_audit
 from benchmarks.trained import trained_stages
 
@@ -543,6 +544,7 @@ CASES = {
     "attack_py": attack_end_to_end,
     "gpu": gpu_resnet50,
     "flower": flower_audit,
+    "dp_client": dp_client_cost,
     "trained": trained_stages,
 }
 #: cases that run only when named with --only (they train victims: tens of minutes)

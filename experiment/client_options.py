@@ -7,7 +7,6 @@ command line; this module turns ``attack.py``'s options into their objects.
 from __future__ import annotations
 
 import argparse
-import math
 
 from attacks.defenses import DEFENSES, Defense
 from attacks.dp_sgd import Privacy
@@ -16,6 +15,8 @@ from experiment.config import AttackConfig
 from experiment.errors import UserError
 from experiment.options import (
     bounded_float,
+    clip_norm,
+    epsilon_value,
     non_negative_float,
     non_negative_int,
     percentage,
@@ -73,28 +74,6 @@ def add_local_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 #: the DP-SGD client's name among the defenses
 DPSGD = "dpsgd"
-_positive = bounded_float(0, low_open=True)
-
-
-def _is_infinity(value) -> bool:
-    # a command line gives text; a --config file's YAML may give the float .inf
-    return str(value).strip().lower() in ("inf", "+inf", "infinity", ".inf")
-
-
-def epsilon_value(text) -> float:
-    """A privacy budget: a finite number > 0, or inf (no noise)."""
-    return math.inf if _is_infinity(text) else _positive(text)
-
-
-epsilon_value.__name__ = "float"
-
-
-def clip_norm(text) -> float:
-    """A clip norm: a finite number > 0, or inf (no clipping)."""
-    return math.inf if _is_infinity(text) else _positive(text)
-
-
-clip_norm.__name__ = "float"
 
 
 def build_defense(config: AttackConfig, seed: int) -> Defense | None:

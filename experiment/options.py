@@ -181,6 +181,30 @@ def bounded_float(
 
 
 finite_float = bounded_float()
+
+_positive = bounded_float(0, low_open=True)
+
+
+def _is_infinity(value) -> bool:
+    # a command line gives text; a --config file's YAML may give the float .inf
+    return str(value).strip().lower() in ("inf", "+inf", "infinity", ".inf")
+
+
+def epsilon_value(text) -> float:
+    """A privacy budget: a finite number > 0, or inf (no noise)."""
+    return math.inf if _is_infinity(text) else _positive(text)
+
+
+epsilon_value.__name__ = "float"
+
+
+def clip_norm(text) -> float:
+    """A clip norm: a finite number > 0, or inf (no clipping)."""
+    return math.inf if _is_infinity(text) else _positive(text)
+
+
+clip_norm.__name__ = "float"
+
 non_negative_float = bounded_float(0)
 positive_float = bounded_float(0, low_open=True)
 percentage = bounded_float(0, 100)

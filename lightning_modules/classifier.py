@@ -70,6 +70,10 @@ class VictimClassifier(pl.LightningModule):
         warmup: bool = False,
         schedule_unit: str = "epoch",
         schedule_length: int | None = None,
+        dp_noise_multiplier: float | None = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
+        dp_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         for name, value, valid in (
@@ -136,19 +140,24 @@ class VictimClassifier(pl.LightningModule):
         checkpoint["validation"] = (
             {"val_acc": float(accuracy), "val_step": step} if accuracy is not None else None
         )
+        if self.hparams.dp_noise_multiplier is not None:
+            checkpoint["privacy"] = self.privacy_spent()
+
+    def privacy_spent(self) -> dict:
+        """DP-SGD's record so far: every sample is in one step of each epoch begun."""
+        from attacks.dp_sgd import Privacy
+
+        hp = self.hparams
+        per_epoch = max(1, int(self.trainer.num_training_batches or 1))
+        epochs = -(-int(self.trainer.global_step) // per_epoch)  # ceil: an epoch begun counts
+        privacy = Privacy(hp.dp_max_grad_norm, hp.dp_noise_multiplier, hp.dp_delta)
+        return privacy.describe(max(epochs, 0))
 
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.optimizer == "SGD":
-            optimizer = torch.optim.SGD(
-                self.parameters(),
-                lr=hp.lr,
-                momentum=0.9,
-                nesterov=True,
-                weight_decay=hp.weight_decay,
-            )
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = self._base_optimizer()
+        if hp.dp_noise_multiplier is not None:
+            optimizer = self._private(optimizer)
         length = hp.schedule_length or self._trainer_length()
 
         def factor(position: int) -> float:
@@ -160,6 +169,50 @@ class VictimClassifier(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": hp.schedule_unit},
         }
+
+    def _private(self, optimizer):
+        """DP-SGD through Opacus: per-sample gradients by hooks on the network's layers, each
+        clipped to ``dp_max_grad_norm``, summed, noised with std sigma x C and divided by the
+        batch size before ``optimizer`` steps (``attacks.dp_sgd`` has the accounting)."""
+        from attacks.dp_sgd import check_supported, input_free_hooks, require_opacus
+
+        require_opacus()
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        hp = self.hparams
+        check_supported(self.network)
+        if getattr(self, "_sampled", None) is None:
+            # Kept out of the module tree (a list): the hooks live on the network's own layers,
+            # so its parameter names, state_dict and checkpoints stay those of a plain run.
+            self._sampled = [GradSampleModule(self.network)]
+            self._quiet_hooks = input_free_hooks
+        return DPOptimizer(
+            optimizer,
+            noise_multiplier=hp.dp_noise_multiplier,
+            max_grad_norm=hp.dp_max_grad_norm,
+            expected_batch_size=hp.dp_batch_size,
+            generator=torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63),
+        )
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if getattr(self, "_quiet_hooks", None) is None:
+            return super().backward(loss, *args, **kwargs)
+        with self._quiet_hooks():
+            super().backward(loss, *args, **kwargs)
+
+    def _base_optimizer(self):
+        hp = self.hparams
+        if hp.optimizer == "SGD":
+            optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=hp.lr,
+                momentum=0.9,
+                nesterov=True,
+                weight_decay=hp.weight_decay,
+            )
+            return optimizer
+        return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
 
     def _trainer_length(self) -> int:
         if self.hparams.schedule_unit == "step":

@@ -10,6 +10,9 @@ from experiment.options import (
     add_data_source_arguments,
     add_network_arguments,
     add_partition_arguments,
+    bounded_float,
+    clip_norm,
+    epsilon_value,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -147,6 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         action="store_true",
         help="ramp the lr from lr/10 to lr over the first tenth of training",
+    )
+
+    private = parser.add_argument_group("DP-SGD (through Opacus; pip install -e '.[dp]')")
+    private.add_argument(
+        "--dp_target_epsilon",
+        type=epsilon_value,
+        default=None,
+        help="train with DP-SGD spending this epsilon (each sample is in one step per epoch)",
+    )
+    private.add_argument(
+        "--dp_noise_multiplier",
+        type=non_negative_float,
+        default=None,
+        help="train with DP-SGD at this noise multiplier instead",
+    )
+    private.add_argument(
+        "--dp_max_grad_norm", type=clip_norm, default=1.0, help="per-sample clip norm"
+    )
+    private.add_argument(
+        "--dp_delta",
+        type=bounded_float(0, 1, low_open=True, high_open=True),
+        default=1e-5,
+        help="the delta of (epsilon, delta)",
     )
 
     save = parser.add_argument_group("checkpoints")

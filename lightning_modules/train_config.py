@@ -59,6 +59,12 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup: bool = False
 
+    # DP-SGD
+    dp_target_epsilon: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+
     # checkpoints
     model_path: str = "checkpoints"
     mid_save: bool = False

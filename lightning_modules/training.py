@@ -143,6 +143,32 @@ def classifier_hparams(config: TrainConfig, num_classes: int, input_shape) -> di
     }
 
 
+def training_privacy(config: TrainConfig, datamodule) -> dict:
+    """The classifier's DP-SGD hyperparameters: none without ``--dp_*``; the noise multiplier
+    from ``--dp_target_epsilon`` through the accountant, each sample in one step per epoch."""
+    if config.dp_target_epsilon is None and config.dp_noise_multiplier is None:
+        return {"dp_noise_multiplier": None}
+    if config.dp_target_epsilon is not None and config.dp_noise_multiplier is not None:
+        raise UserError("give --dp_target_epsilon or --dp_noise_multiplier, not both")
+    from attacks.dp_sgd import Privacy, require_opacus
+
+    require_opacus()
+    if config.dp_target_epsilon is not None:
+        per_epoch = max(1, len(datamodule.train_dataloader()))
+        epochs = -(-config.iters // per_epoch) if config.iter_train else config.epochs
+        privacy = Privacy.for_epsilon(
+            config.dp_target_epsilon, config.dp_delta, config.dp_max_grad_norm, epochs
+        )
+    else:
+        privacy = Privacy(config.dp_max_grad_norm, config.dp_noise_multiplier, config.dp_delta)
+    return {
+        "dp_noise_multiplier": privacy.noise_multiplier,
+        "dp_max_grad_norm": privacy.max_grad_norm,
+        "dp_delta": privacy.delta,
+        "dp_batch_size": config.batch_size,
+    }
+
+
 def run_options(hparams: dict) -> dict:
     """The train.py options a classifier's hyperparameters stand for."""
     options = {
@@ -250,6 +276,13 @@ def train(config: TrainConfig) -> list[Path]:
     # Missing or broken data fails here, in one line, before any Trainer exists.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    hparams.update(training_privacy(config, datamodule))
+    if hparams["dp_noise_multiplier"] is not None:
+        from attacks.dp_sgd import check_supported
+        from lightning_modules.networks import build_network
+
+        options = {n: getattr(config, n) for n in NETWORK_OPTIONS}
+        check_supported(build_network(config.model, num_classes, tuple(input_shape), **options))
     callbacks = leakage_callbacks(config)
     earlier = [] if config.resume else saved_stages(config)
     if earlier:

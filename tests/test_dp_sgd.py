@@ -127,8 +127,9 @@ def test_the_noise_has_the_accountants_scale():
 
 def test_the_label_bound():
     uniform = torch.ones(10)
-    assert label_accuracy_bound(0.0, DELTA, uniform) == pytest.approx(0.1 + DELTA)
-    assert label_accuracy_bound(math.log(9), DELTA, uniform) == pytest.approx(0.5 + DELTA)
+    # uniform: (e^eps + delta (C - 1)) / (e^eps + C - 1)
+    assert label_accuracy_bound(0.0, DELTA, uniform) == pytest.approx((1 + 9 * DELTA) / 10)
+    assert label_accuracy_bound(math.log(9), DELTA, uniform) == pytest.approx((9 + 9 * DELTA) / 18)
     assert label_accuracy_bound(math.inf, DELTA, uniform) == 1.0
     # a prior with one class at 1/2: guessing it alone is right half the time, at epsilon 0
     skewed = torch.tensor([5.0, 1, 1, 1, 1, 1])

@@ -386,3 +386,21 @@ def test_ray_gives_the_local_federation_bit_for_bit(tmp_path):
         for line in local.stdout.splitlines()
         if line.startswith(("iLRG", "decompose", "zeros"))
     ]
+
+
+def test_dp_sgd_clients_record_their_epsilon(tmp_path):
+    proc = run_sim(
+        "--backend", "local", "--num_clients", "3", "--num_rounds", "2", "--num_images", "16",
+        "--local_epochs", "2", "--local_batch_size", "8", "--target_epsilon", "2",
+        "--report_labels", "--quiet", "--log_dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DP-SGD clients: dpsgd (epsilon = 2, noise multiplier = " in proc.stdout
+    privacy = json.loads((tmp_path / "flower" / "version_0" / "audit.json").read_text())["privacy"]
+    # each sample is in E = 2 steps a round, for 2 rounds
+    assert privacy["steps_per_sample"] == 4 and 1.98 <= privacy["epsilon"] <= 2.0
+    both = run_sim("--backend", "local", "--target_epsilon", "2", "--noise_multiplier", "1")
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        "integrations.flower_sim: error: give --target_epsilon or --noise_multiplier, not both"
+    )

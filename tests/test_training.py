@@ -211,6 +211,16 @@ def test_resume_ends_with_the_same_checkpoints_and_weights(mnist_run, tmp_path, 
         (["--resume", "/nonexistent.ckpt"], "checkpoint /nonexistent.ckpt not found"),
         (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
         (["--attack_every_n_steps", "-1"], "argument --attack_every_n_steps: must be >= 0, got -1"),
+        (
+            ["--model", "lenet5", "--batchnorm", "--dp_noise_multiplier", "1"],
+            "DP-SGD cannot train this model: BatchNorm cannot support training with differential "
+            "privacy (batch norm mixes the samples of a batch; train and attack a model without "
+            "--batchnorm, or replace it with GroupNorm through opacus.validators.ModuleValidator.fix)",
+        ),
+        (
+            ["--dp_noise_multiplier", "1", "--dp_target_epsilon", "3"],
+            "give --dp_target_epsilon or --dp_noise_multiplier, not both",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -225,6 +235,30 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
         lines
     )
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+def test_dp_sgd_training_spends_the_epsilon_asked_for(tmp_path):
+    """train.py --dp_target_epsilon: Opacus trains the victim; every stage checkpoint records
+    the epsilon spent so far (each sample in one step per epoch begun) and loads as any other."""
+    cmd = [sys.executable, "train.py", "--dataset", "SYNTH_MNIST", "--iter_train", "--iters", "4"]
+    cmd += ["--mid_save", "--iter_interval", "2", "--batch_size", "16", "--n_dim", "32"]
+    cmd += ["--dp_target_epsilon", "3", "--dp_max_grad_norm", "0.5"]
+    cmd += ["--model_path", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"), "--quiet"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {
+        n: read_checkpoint(tmp_path / "ckpt" / f"dnn_SYNTH_MNIST_Iter{n}.ckpt") for n in (0, 2, 4)
+    }
+    assert records[0]["privacy"]["epsilon"] == 0.0
+    for n in (2, 4):
+        privacy = records[n]["privacy"]
+        assert privacy["steps_per_sample"] == 1 and 2.97 <= privacy["epsilon"] <= 3.0
+        assert privacy["max_grad_norm"] == 0.5
+        assert records[n]["hyper_parameters"]["dp_noise_multiplier"] == privacy["noise_multiplier"]
+    # the weights moved, and the checkpoint keeps the plain network's parameter names
+    before, after = records[0]["state_dict"], records[4]["state_dict"]
+    assert set(before) == set(after) and "network.classifier.weight" in after
+    assert not torch.equal(before["network.classifier.weight"], after["network.classifier.weight"])
 
 
 def test_resume_refuses_a_checkpoint_of_other_options(mnist_run, tmp_path, capsys, shared_data):
