@@ -21,9 +21,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
+from datamodules.names import SPLITS
 from experiment.errors import UserError
 
-SPLITS = ("train", "val", "all")
 """Split names that ``dm.dataset(split)`` accepts: ``all`` is train then val."""
 
 Augmentation = Callable[[torch.Tensor], torch.Tensor]

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from datamodules.base import ImageClassificationDataModule, split_indices
+from datamodules.names import VIEWS
 from experiment.errors import UserError
-
-VIEWS = ("train", "val", "all", "fit_train", "fit_val")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from datamodules.views import VIEWS
+from datamodules.names import VIEWS
 from experiment.analysis import add_analysis_arguments
 from experiment.client_options import add_defense_arguments, add_local_training_arguments
 from experiment.config import AttackConfig

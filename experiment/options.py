@@ -64,7 +64,13 @@ def _coerce(action: argparse.Action, key: str, value, source: str):
         return value
     if value is None:
         return None
-    convert = action.type or (lambda v: v)
+    typed = action.type or (lambda v: v)
+
+    def convert(item):
+        # A YAML scalar goes through the text the command line would have given: 2.5 for an
+        # integer option is refused as "2.5" is, never truncated to 2, and true is no count.
+        return typed(item if isinstance(item, str) else str(item))
+
     try:
         if action.nargs in ("+", "*") or isinstance(action.nargs, int):
             values = value if isinstance(value, list) else [value]
@@ -73,7 +79,7 @@ def _coerce(action: argparse.Action, key: str, value, source: str):
         else:
             if isinstance(value, list | dict):
                 raise ValueError("expected a single value")
-            value = convert(value) if not (action.type is str and isinstance(value, str)) else value
+            value = convert(value)
             chosen = [value]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
         raise UserError(f"{source}: bad value {value!r} for {key} ({err})") from None

@@ -67,6 +67,8 @@ class Setup:
     #: client-side transform of the gradients before they are shared (a defense), or None
     defense: Callable | None = None
     extensions: list[Extension] = field(default_factory=list)
+    #: what the run says before its tries (prepare runs before the run's log exists)
+    notes: list[str] = field(default_factory=list)
     #: what results.json should say about the victim and the defense
     describe: dict = field(default_factory=dict)
     #: FedAvg's local training on the client (``--local_epochs``); None: FedSGD, one gradient
@@ -119,12 +121,10 @@ def victim_partition(config: AttackConfig, trained):
     return saved
 
 
-def left_out(config: AttackConfig, reason: Exception) -> tuple[None, None]:
-    """No auxiliary data where ``--aux_split auto`` found none fit: said, and the attacks left out."""
-    log.info(
-        "no auxiliary data (%s): %s are left out", reason, ", ".join(needing_auxiliary(config))
-    )
-    return None, None
+def left_out(config: AttackConfig, reason: Exception) -> tuple[None, dict]:
+    """No auxiliary data where ``--aux_split auto`` found none fit: the attacks are left out,
+    and results.json and the run's log say which and why (``Setup.notes``)."""
+    return None, {"left_out": list(needing_auxiliary(config)), "reason": str(reason)}
 
 
 def auxiliary_data(config: AttackConfig, datamodule, attacked, partition, num_classes):
@@ -245,6 +245,12 @@ def prepare(config: AttackConfig) -> Setup:
     partition = victim_partition(config, trained)
     dataset = data_view(datamodule, config.split, partition)
     auxiliary, aux_description = auxiliary_data(config, datamodule, dataset, partition, num_classes)
+    notes = []
+    if aux_description is not None and "left_out" in aux_description:
+        notes.append(
+            f"no auxiliary data ({aux_description['reason']}): "
+            f"{', '.join(aux_description['left_out'])} are left out"
+        )
     names = method_names(config, auxiliary is not None)
     class_sizes = torch.bincount(dataset.targets, minlength=num_classes)
     check_composition(
@@ -292,6 +298,7 @@ def prepare(config: AttackConfig) -> Setup:
         describe=describe,
         local_training=local_training,
         privacy=privacy,
+        notes=notes,
     )
     setup.describe["defense"] = describe_defense(defense)
     if privacy is not None:
@@ -339,6 +346,8 @@ def run(setup: Setup, run_dir: Path | None, logger=None) -> dict | None:
     from experiment.attack_module import AttackExperiment, StopTries, run_tries
 
     config = setup.config
+    for note in setup.notes:
+        log.info("%s", note)
     writer = logger.experiment if logger is not None else None
     module = AttackExperiment(setup, run_dir, writer)
     status, failure, stopped_by = "complete", None, None

@@ -1,14 +1,20 @@
-"""The victim networks and the LightningModule that trains them."""
+"""The victim networks and the LightningModule that trains them.
 
-from lightning_modules.networks import NETWORKS, VictimNetwork, build_network, check_network_fits
+The exports load on first use (PEP 562): ``train.py``'s and ``attack.py``'s option parsers
+read ``lightning_modules.train_cli`` before torch, torchvision or Lightning is imported.
+"""
 
 __all__ = ["NETWORKS", "VictimClassifier", "VictimNetwork", "build_network", "check_network_fits"]
 
 
 def __getattr__(name: str):
-    # Imported on first use: attack.py needs the networks but not Lightning's training stack.
     if name == "VictimClassifier":
+        # attack.py needs the networks but not Lightning's training stack
         from lightning_modules.classifier import VictimClassifier
 
         return VictimClassifier
+    if name in ("NETWORKS", "VictimNetwork", "build_network", "check_network_fits"):
+        from lightning_modules import networks
+
+        return getattr(networks, name)
     raise AttributeError(f"module 'lightning_modules' has no attribute {name!r}")

@@ -156,3 +156,24 @@ def test_only_integrations_import_integrations_and_the_core_needs_no_flower():
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray'))))\n"
     )
     assert printed_by(code) == ""
+
+
+def test_a_refused_option_needs_no_heavy_import():
+    """The parsers come before the heavy imports, so a refused option is reported at once:
+    train.py's loads no torch at all, attack.py's no Lightning and no torchvision."""
+    code = (
+        "import sys\n"
+        "from lightning_modules.train_cli import build_parser\n"
+        "build_parser()\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'torchvision', 'pytorch_lightning'))))\n"
+    )
+    assert printed_by(code) == ""
+    code = (
+        "import sys\n"
+        "from experiment.cli import build_parser\n"
+        "build_parser()\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torchvision', 'pytorch_lightning', 'lightning_fabric'))))\n"
+    )
+    assert printed_by(code) == ""

@@ -54,3 +54,38 @@ def test_no_module_below_the_entry_points_handles_a_namespace():
                 if isinstance(node, ast.Attribute | ast.Name)
             }
             assert "Namespace" not in used, name
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            "local_epochs: 2.5",
+            "bad value 2.5 for local_epochs (invalid literal for int() with base 10: '2.5')",
+        ),
+        (
+            "num_images: 8.9",
+            "bad value 8.9 for num_images (invalid literal for int() with base 10: '8.9')",
+        ),
+        (
+            "num_tries: true",
+            "bad value True for num_tries (invalid literal for int() with base 10: 'True')",
+        ),
+    ],
+)
+def test_a_config_file_value_is_refused_as_the_same_flag_is(tmp_path, capsys, line, message):
+    """A YAML number is never truncated into an integer option, nor a boolean taken for one."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(SystemExit) as stop:
+        parse_args(build_parser(), ["--config", str(path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"attack.py: error: {path}: {message}"
+
+
+def test_config_file_scalars_arrive_as_the_command_line_gives_them(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("exp_name: 123\nnum_tries: 3\nnoise_std: 1.0e-3\ntarget_epsilon: .inf\n")
+    config = parse_args(build_parser(), ["--config", str(path)])
+    assert (config.exp_name, config.num_tries, config.noise_std) == ("123", 3, 0.001)
+    assert config.target_epsilon == float("inf")
