@@ -14,8 +14,16 @@ from experiment.runs import new_run_dir
 RESULT = {"result": True}
 
 
+#: ``extra=FILE_ONLY``: a record for ``run.log`` only (a sweep's per-stage tables)
+FILE_ONLY = {"file_only": True}
+
+
 def _is_result(record: logging.LogRecord) -> bool:
     return getattr(record, "result", False)
+
+
+def _on_console(record: logging.LogRecord) -> bool:
+    return not (_is_result(record) or getattr(record, "file_only", False))
 
 
 def run_logger(run_dir: Path):
@@ -56,7 +64,7 @@ def open_run(log_dir: str, exp_name: str, logger_name: str):
     file_handler = logging.FileHandler(run_dir / "run.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     console = logging.StreamHandler(sys.stderr)
-    console.addFilter(lambda record: not _is_result(record))
+    console.addFilter(_on_console)
     results = logging.StreamHandler(sys.stdout)
     results.addFilter(_is_result)
     for handler in (console, results):

@@ -77,6 +77,28 @@ class Setup:
     privacy: Privacy | None = None
 
 
+def what_ran(setup: Setup) -> str:
+    """One line above the table: the victim, the data, K, the tries and the protocol."""
+    config = setup.config
+    victim = setup.describe.get("victim")
+    stage = (
+        f", {victim['stage']['unit']} {victim['stage']['value']} of {victim['checkpoint']}"
+        if victim
+        else ", untrained"
+    )
+    training = setup.local_training
+    protocol = (
+        "FedSGD (one gradient)"
+        if training is None
+        else f"FedAvg E = {training.epochs}, B = {training.batch_for(config.num_images)}, "
+        f"lr = {training.lr:g}, {training.optimizer}"
+    )
+    return (
+        f"{config.model} on {config.dataset} ({config.split}{stage}), K = {config.num_images}, "
+        f"{config.num_tries} tries ({config.distribution}), {protocol}"
+    )
+
+
 def needing_auxiliary(config: AttackConfig) -> tuple[str, ...]:
     """The auxiliary attacks that need the data with these options (LLBG given
     ``--llbg_confidence`` does not)."""
@@ -338,7 +360,7 @@ def score(
     return scores
 
 
-def run(setup: Setup, run_dir: Path | None, logger=None) -> dict | None:
+def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -> dict | None:
     """Attack ``num_tries`` batches on the Lightning Trainer; write results.json (also when
     interrupted) and return it. ``logger``: a TensorBoardLogger for the per-try and summary
     scalars, or None. Under several processes every one runs this and the first writes
@@ -393,11 +415,13 @@ def run(setup: Setup, run_dir: Path | None, logger=None) -> dict | None:
     if records:
         # The table is the run's result (stdout); a run that failed before its first try has none.
         defense = setup.defense or setup.privacy or "none"
-        log.info("\ndefense: %s\n%s", defense, format_table(scores), extra=RESULT)
+        log.info(
+            "\n%s\ndefense: %s\n%s", what_ran(setup), defense, format_table(scores), extra=table
+        )
         for extension in setup.extensions:
             text = extension.table()
             if text:
-                log.info("\n%s", text, extra=RESULT)
+                log.info("\n%s", text, extra=table)
     affected = results["nonfinite_tries"]
     if affected:
         log.warning(

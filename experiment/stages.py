@@ -17,7 +17,7 @@ from pathlib import Path
 from experiment import runner
 from experiment.config import AttackConfig
 from experiment.errors import CheckpointError
-from experiment.logs import RESULT
+from experiment.logs import FILE_ONLY, RESULT
 from experiment.runs import is_primary_process, write_json_atomic
 from experiment.victims import missing_stages
 
@@ -129,7 +129,9 @@ def run_sweep(sweep: Sweep, run_dir: Path | None, logger=None) -> dict | None:
                 else runner.prepare(stage_config(sweep.config, stage))
             )
             log.info("stage %s: %s", stage.label, stage.path)
-            results = runner.run(setup, run_dir / stage.label if run_dir is not None else None)
+            # Each stage's own table goes to run.log only; stdout gets the combined one.
+            stage_dir = run_dir / stage.label if run_dir is not None else None
+            results = runner.run(setup, stage_dir, table=FILE_ONLY)
             if results is None:
                 continue  # not the first process
             done.append(stage_record(stage, results, run_dir))
@@ -184,7 +186,16 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
     if config.results:
         write_json_atomic(config.results, summary)
     if done:
-        log.info("\n%s", format_stage_table(summary), extra=RESULT)
+        first = sweep.first
+        header = runner.what_ran(first).split(" (", 1)[0]  # the model and data; stages below
+        log.info(
+            "\n%s, %d stages of %s\n%s",
+            header,
+            len(summary["results"]),
+            sweep.config.checkpoints,
+            format_stage_table(summary),
+            extra=RESULT,
+        )
         plot_stages(summary, run_dir / "stages.png")
     return summary
 
@@ -192,7 +203,9 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
 def format_stage_table(summary: dict) -> str:
     from experiment.report import METRIC_NAMES
 
-    header = f"{'stage':<10}{'method':<8}" + "".join(f"{m:>17}" for m in METRIC_NAMES)
+    names = [m for record in summary["results"] for m in record["summary"]]
+    width = max([len("method"), *map(len, names)]) + 2
+    header = f"{'stage':<10}{'method':<{width}}" + "".join(f"{m:>17}" for m in METRIC_NAMES)
     lines = [header, "-" * len(header)]
     for record in summary["results"]:
         for method, means in record["summary"].items():
@@ -203,7 +216,9 @@ def format_stage_table(summary: dict) -> str:
                     cells.append(f"{'-':>17}")
                 else:
                     cells.append(f"{mean:>9.3f} ± {spread if spread is not None else math.nan:.3f}")
-            lines.append(f"{record['label']:<10}{method:<8}" + "".join(f"{c:>17}" for c in cells))
+            lines.append(
+                f"{record['label']:<10}{method:<{width}}" + "".join(f"{c:>17}" for c in cells)
+            )
     return "\n".join(lines)
 
 

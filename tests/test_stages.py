@@ -115,13 +115,18 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
     assert [r["label"] for r in summary["results"]] == [f"Iter{n}" for n in STAGES]
     assert set(summary["results"][0]["summary"]["iLRG"]) == set(COUNT_METRICS)
 
-    # One table, stage x method, after the per-stage ones.
-    table = proc.stderr + proc.stdout
-    header = table.index("stage     method")
-    rows = [line.split()[:2] for line in table[header:].splitlines()[2:] if line.strip()]
+    # stdout: one line saying what ran and one table, stage x method, its columns aligned;
+    # each stage's own table goes to run.log only.
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == f"dnn on SYNTH_MNIST, {len(STAGES)} stages of {pattern}"
+    assert lines[1].startswith("stage     method")
+    rows = [line.split()[:2] for line in lines[3:]]
     methods = summary["methods"]
     assert rows[: len(methods)] == [["Iter0", m] for m in methods]
     assert rows[-1] == ["Iter4", "RLU+"] and len(rows) == len(methods) * len(STAGES)
+    assert len({len(line) for line in lines[3:]}) == 1  # every row as wide: no column shifted
+    assert "defense: none" not in proc.stdout + proc.stderr
+    assert (folder / "run.log").read_text().count("defense: none") == len(STAGES)
 
     # The same batches at every stage, each stage attacking its own checkpoint.
     per_stage = [json.loads((folder / f"Iter{n}" / "results.json").read_text()) for n in STAGES]

@@ -213,7 +213,10 @@ def default_run(tmp_path_factory):
 
 def test_table_goes_to_stdout_and_logs_to_stderr(default_run):
     proc, _ = default_run
-    assert proc.stdout.lstrip().startswith("defense: none\nmethod"), proc.stdout
+    assert proc.stdout.lstrip().startswith(
+        "dnn on SYNTH_MNIST (train, untrained), K = 24, 2 tries (random), FedSGD (one gradient)\n"
+        "defense: none\nmethod"
+    ), proc.stdout
     assert "iLRG" in proc.stdout and "run folder" not in proc.stdout
     assert proc.stderr.startswith("run folder: ") and "LeAcc" not in proc.stderr
 
