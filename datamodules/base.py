@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from datamodules.names import SPLITS
-from experiment.errors import UserError
+from experiment.errors import DataError, UserError
 
 """Split names that ``dm.dataset(split)`` accepts: ``all`` is train then val."""
 
@@ -67,10 +67,30 @@ def try_download(
                 folder.rmdir()
             except OSError:
                 break  # not empty (or not ours to remove): keep it and what holds it
+        if _offline(exc):
+            return "no network to download it"
         # torchvision lists every mirror and file it tried; the last line is the cause.
         lines = [line for line in str(exc).splitlines() if line.strip()]
         return f"download failed: {short_reason(RuntimeError(lines[-1]) if lines else exc)}"
     return None
+
+
+def _offline(exc: BaseException) -> bool:
+    """No route to the mirrors at all (a name that does not resolve, no connection): the usual
+    offline case, said in four words instead of the last mirror's urlopen error."""
+    import socket
+    import urllib.error
+
+    seen = exc
+    for _ in range(8):  # the cause chain, bounded
+        if isinstance(seen, urllib.error.URLError):
+            return isinstance(seen.reason, OSError)
+        if isinstance(seen, (socket.gaierror, ConnectionError)):
+            return True
+        if seen.__cause__ is None and seen.__context__ is None:
+            break
+        seen = seen.__cause__ or seen.__context__
+    return "urlopen error" in str(exc) and "Errno" in str(exc)
 
 
 class LabelledImageDataset(Dataset):
@@ -310,8 +330,23 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """The un-augmented data set of ``split``; raises ``DataError`` when files are missing/bad."""
         check_split(split)
         if split not in self._datasets:
-            self._datasets[split] = self._build_dataset(split)
+            try:
+                self._datasets[split] = self._build_dataset(split)
+            except DataError as err:
+                raise DataError(f"{err}{self._other_splits(split)}") from None
         return self._datasets[split]
+
+    def _other_splits(self, split: str) -> str:
+        """What to say when ``split`` is missing but another split's files are here."""
+        wanted = ("train", "val") if split == "all" else (split,)
+        here = [s for s in self.splits_on_disk() if s not in wanted]
+        if not here or split == "all":
+            return ""
+        other = here[0]
+        return (
+            f"; only the {other} split is on disk: attack.py --split {other} "
+            f"(or fit_train/fit_val), train.py --train_partition {other}"
+        )
 
     def _build_dataset(self, split: str) -> LabelledImageDataset:
         raise NotImplementedError

@@ -7,9 +7,11 @@ A stage is a number of completed epochs or optimizer steps. Its checkpoint is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -315,7 +317,12 @@ def train(config: TrainConfig) -> list[Path]:
     classifier = VictimClassifier(**hparams)
     # weights_only: resuming never runs code that a checkpoint file brings along.
     try:
-        trainer.fit(classifier, datamodule=datamodule, ckpt_path=config.resume, weights_only=True)
+        # Lightning's progress bar writes to stdout; train.py's stdout is kept for results
+        # (none: the checkpoints are logged), so a redirected run does not fill a file with it.
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.fit(
+                classifier, datamodule=datamodule, ckpt_path=config.resume, weights_only=True
+            )
     except SIGTERMException as err:
         # Raised after the callbacks' on_exception ran, which saved the state to resume from.
         raise TrainingInterrupted(checkpoint.interrupted_path, signal.SIGTERM) from err

@@ -147,7 +147,8 @@ def test_mnist_missing_train_split_message(shared_data):
     raw = shared_data / "MNIST" / "raw"
     assert str(info.value) == (
         "MNIST train split not found: expected train-images-idx3-ubyte(.gz) and "
-        f"train-labels-idx1-ubyte(.gz) in {raw} (download disabled)"
+        f"train-labels-idx1-ubyte(.gz) in {raw} (download disabled); only the val split is on "
+        "disk: attack.py --split val (or fit_train/fit_val), train.py --train_partition val"
     )
 
 
@@ -165,6 +166,21 @@ def test_mnist_failed_download_becomes_one_line(tmp_path, monkeypatch):
     assert message.startswith("MNIST val split not found: expected t10k-images-idx3-ubyte(.gz)")
     # Only the cause: torchvision's "Error downloading <file>" names whatever file it tried first.
     assert message.endswith("(download failed: no network)")
+
+
+def test_an_offline_download_is_said_in_four_words(tmp_path, monkeypatch):
+    import socket
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DataError) as info:
+        build_datamodule("MNIST_GRAY", data_root=tmp_path).dataset("val")
+    assert str(info.value).endswith("(no network to download it)")
 
 
 def test_mnist_all_is_the_present_splits(shared_data, mnist_val):

@@ -100,18 +100,20 @@ def test_train_py_saves_iteration_stages_on_synthetic_data(tmp_path):
     """Through a subprocess, as a user runs it: stage 0, every 2 steps, and always the end."""
     cmd = [sys.executable, "train.py", "--dataset", "SYNTH_MNIST", "--iter_train", "--iters", "5"]
     cmd += ["--mid_save", "--iter_interval", "2", "--batch_size", "16", "--n_dim", "32"]
-    cmd += ["--model_path", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"), "--quiet"]
+    cmd += ["--model_path", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names == [f"dnn_SYNTH_MNIST_Iter{n}.ckpt" for n in (0, 2, 4, 5)]
+    assert "Epoch 0" in proc.stderr  # the progress bar, on stderr
     for name in names:
         checkpoint = read_checkpoint(
             tmp_path / "ckpt" / name
         )  # weights-only, with loops and callbacks
         assert checkpoint["global_step"] == int(name.split("Iter")[1].split(".")[0])
         assert checkpoint["hyper_parameters"]["schedule_unit"] == "step"
-    assert "SYNTHETIC" in proc.stderr + proc.stdout
+    assert "SYNTHETIC" in proc.stderr
+    assert proc.stdout == ""  # the progress bar and the logs go to stderr
 
 
 @pytest.fixture(scope="module")
