@@ -404,16 +404,9 @@ def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -
         results["try_indices"] = [outcome.index for outcome in outcomes]
     if failure is not None:
         results["error"] = failure
-    write_json_atomic(run_dir / "results.json", results)
-    if config.results:
-        write_json_atomic(config.results, results)
-    if writer is not None:
-        for method, summary in results["summary"].items():
-            for metric, value in summary.items():
-                writer.add_scalar(f"summary/{method}/{metric}", value, 0)
-        writer.flush()
     if records:
-        # The table is the run's result (stdout); a run that failed before its first try has none.
+        # The table is the run's result (stdout), printed before any file is written: a full
+        # disk must not take the results with it. A run that failed before its first try has none.
         defense = setup.defense or setup.privacy or "none"
         log.info(
             "\n%s\ndefense: %s\n%s", what_ran(setup), defense, format_table(scores), extra=table
@@ -422,6 +415,21 @@ def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -
             text = extension.table()
             if text:
                 log.info("\n%s", text, extra=table)
+    for path in [run_dir / "results.json"] + ([Path(config.results)] if config.results else []):
+        try:
+            write_json_atomic(path, results)
+        except OSError as err:
+            raise UserError(
+                f"could not write {path}: {err.strerror or err}; the results are in the table above"
+            ) from None
+    if writer is not None:
+        try:
+            for method, summary in results["summary"].items():
+                for metric, value in summary.items():
+                    writer.add_scalar(f"summary/{method}/{metric}", value, 0)
+            writer.flush()
+        except OSError as err:
+            log.warning("TensorBoard's summary scalars could not be written: %s", err)
     affected = results["nonfinite_tries"]
     if affected:
         log.warning(

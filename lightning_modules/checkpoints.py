@@ -8,6 +8,7 @@ names the file.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
@@ -142,3 +143,25 @@ def _first_line(err: BaseException) -> str:
 def _state_dict_mismatch(err: RuntimeError) -> str:
     lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
     return (lines[0] if lines else _first_line(err))[:200]
+
+
+def atomic_checkpoint_io():
+    """Lightning's checkpoint writer, but each file is written under a temporary name in its
+    folder and renamed: a full disk or a kill mid-write leaves the old file or none, never a
+    truncated checkpoint (or an empty ``_interrupted.ckpt``) that a sweep or ``--resume``
+    would then meet."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                super().save_checkpoint(checkpoint, temporary, storage_options)
+                os.replace(temporary, path)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+
+    return AtomicCheckpointIO()

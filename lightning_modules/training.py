@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from experiment.errors import CheckpointError, UserError
 from lightning_modules.checkpoints import (
     STAGE_PATTERN,
+    atomic_checkpoint_io,
     interrupted_checkpoint_name,
     read_checkpoint,
     stage_checkpoint_name,
@@ -251,6 +252,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Callback]) -> pl.Trainer:
             log_every_n_steps=10,
             enable_progress_bar=not config.quiet,
             enable_model_summary=not config.quiet,
+            plugins=[atomic_checkpoint_io()],
         )
     except (MisconfigurationException, ValueError) as err:
         raise UserError(f"trainer options: {' '.join(str(err).split())}") from None

@@ -210,3 +210,49 @@ def test_interrupted_training_leaves_a_checkpoint_to_resume_from(tmp_path):
     assert (
         torch.load(ckpt / "dnn_SYNTH_MNIST_Iter1200.ckpt", weights_only=True)["global_step"] == 1200
     )
+
+
+def test_a_full_disk_at_the_end_keeps_the_table_and_says_which_file(tmp_path, capsys, monkeypatch):
+    """results.json cannot be written (ENOSPC): the table is on stdout already, and the one
+    error line names the file and says where the results are."""
+    import errno
+
+    import attack
+    from experiment import runner
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runner, "write_json_atomic", full)
+    code = attack.main(["--num_tries", "2", "--quiet", "--log_dir", str(tmp_path), "--no-compare"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    (folder,) = (tmp_path / "Experiment1").iterdir()
+    assert err.strip().splitlines()[-1] == (
+        f"attack.py: error: could not write {folder / 'results.json'}: No space left on device; "
+        "the results are in the table above"
+    )
+    assert "defense: none" in out and out.count("iLRG") == 1
+
+
+def test_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) leaves neither a truncated checkpoint nor its
+    temporary file; a write that succeeds leaves exactly the file."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from lightning_modules.checkpoints import atomic_checkpoint_io
+
+    io = atomic_checkpoint_io()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "a.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+    assert torch.equal(torch.load(tmp_path / "a.ckpt")["state_dict"]["w"], torch.ones(3))
+
+    def half_written(self, checkpoint, path, storage_options=None):
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 truncated")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", half_written)
+    with pytest.raises(OSError, match="No space left on device"):
+        io.save_checkpoint({"state_dict": {}}, tmp_path / "b.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
