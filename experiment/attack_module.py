@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import warnings
+from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
@@ -177,11 +178,18 @@ def build_trainer(config, logger=None) -> pl.Trainer:
     # One item is one try of K images, which the try loads itself: workers would only add
     # a process per device.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    strategy = config.strategy
+    if config.devices * config.num_nodes > 1 and strategy in ("auto", "ddp"):
+        from pytorch_lightning.strategies import DDPStrategy
+
+        # A peer that never comes (a node not started) ends the wait after --peer_timeout
+        # seconds instead of torch's 30 minutes.
+        strategy = DDPStrategy(timeout=timedelta(seconds=config.peer_timeout))
     try:
         return pl.Trainer(
             accelerator="gpu" if config.accelerator == "cuda" else config.accelerator,
             devices=config.devices,
-            strategy=config.strategy,
+            strategy=strategy,
             num_nodes=config.num_nodes,
             logger=logger if logger is not None else False,
             callbacks=[TriesProgressBar()] if not config.quiet else [],
@@ -197,6 +205,18 @@ def build_trainer(config, logger=None) -> pl.Trainer:
         raise UserError(f"trainer options: {' '.join(str(err).split())}") from None
 
 
+def peer_failure(config, err: BaseException) -> str:
+    """One line for a run whose processes did not all join or answer in --peer_timeout."""
+    world = config.devices * config.num_nodes
+    cause = " ".join(str(err).split())[:200]
+    return (
+        f"the {world} processes of --devices {config.devices} --num_nodes {config.num_nodes} "
+        f"did not all answer within --peer_timeout {config.peer_timeout:g} s ({cause}); start "
+        "attack.py on every node with the same options and MASTER_ADDR/MASTER_PORT/NODE_RANK, "
+        "or raise --peer_timeout"
+    )
+
+
 def run_tries(module: AttackExperiment, logger=None) -> None:
     """``trainer.test`` over this process's tries, with SIGINT/SIGTERM turned into StopTries
     (the tries done so far stay in ``module.outcomes``)."""
@@ -208,11 +228,13 @@ def run_tries(module: AttackExperiment, logger=None) -> None:
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.test(module, verbose=False)
-    except BaseException:
+    except BaseException as err:
         launcher = trainer.strategy.launcher
         if launcher is not None and hasattr(launcher, "kill"):
             # The processes Lightning started would wait for this one at the gathering.
             launcher.kill(signal.SIGKILL)
+        if isinstance(err, torch.distributed.DistError):
+            raise UserError(peer_failure(config, err)) from None
         raise
     finally:
         for sig, handler in previous.items():

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="machines, each with --devices processes (start attack.py on each, as for train.py)",
     )
+    run.add_argument(
+        "--peer_timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds the processes of --devices/--num_nodes > 1 wait for each other, to join "
+        "and at the end's gathering, before the run stops with an error",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     data = parser.add_argument_group("data and batch composition")

@@ -27,6 +27,7 @@ class AttackConfig:
     devices: int = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    peer_timeout: float = 300.0
     quiet: bool = False
 
     # data and batch composition

@@ -253,6 +253,13 @@ def prepare(config: AttackConfig) -> Setup:
     num_classes, input_shape, _ = dataset_info(config.dataset)
     check_network_fits(config.model, tuple(input_shape), **network_options(config))
     device = choose_device(config.accelerator)
+    processes = config.devices * config.num_nodes
+    if processes > config.num_tries:
+        raise UserError(
+            f"--devices {config.devices} x --num_nodes {config.num_nodes} = {processes} processes "
+            f"for {config.num_tries} tries: each process needs a try; use at most "
+            f"{config.num_tries} processes or more --num_tries"
+        )
     # Lightning's own checks of --devices/--strategy/--num_nodes, before anything is read.
     from experiment.attack_module import build_trainer
 

@@ -6,8 +6,11 @@ by the second process must equal the same try run alone.
 """
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,3 +71,42 @@ def test_the_seeded_random_streams_are_per_try(tmp_path):
     assert three["tries"] == five["tries"][:3]
     guesses = [t["methods"]["random"]["counts"] for t in five["tries"]]
     assert len({tuple(g) for g in guesses}) == 5  # a fresh guess per try
+
+
+def test_more_processes_than_tries_is_refused_before_anything_starts(tmp_path, capsys):
+    import attack
+
+    code = attack.main(["--devices", "3", "--num_tries", "2", "--log_dir", str(tmp_path / "logs")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "attack.py: error: --devices 3 x --num_nodes 1 = 3 processes for 2 tries: each process "
+        "needs a try; use at most 2 processes or more --num_tries"
+    )
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_peer_is_one_line_after_the_peer_timeout(tmp_path):
+    """--num_nodes 2 with no second node: the wait ends after --peer_timeout, in one line with
+    exit 2, and the run folder says the run failed with no try done."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "attack.py", "--num_nodes", "2", "--peer_timeout", "5", "--num_tries", "4",
+         "--quiet", "--log_dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "MASTER_PORT": str(free_port())},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("attack.py: error:")]
+    assert len(errors) == 1 and "did not all answer within --peer_timeout 5 s" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 120
+    (results,) = tmp_path.glob("Experiment1/version_*/results.json")
+    record = json.loads(results.read_text())
+    assert record["status"] == "failed" and record["tries_done"] == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
