@@ -240,12 +240,20 @@ def plot_stages(summary: dict, path: Path) -> Path:
     accuracy = [(r["stage"], r["val_acc"]) for r in records if r.get("val_acc") is not None]
     fits = [(r["stage"], r["batch"]) for r in records if r.get("batch")]
     panels = len(metrics) + bool(accuracy or fits)
-    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
+    # A grid of at most three panels a row: readable on a laptop screen.
+    columns = min(3, panels)
+    rows = -(-panels // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.6 * rows), squeeze=False)
+    axes = [list(grid.flat)]
+    for spare in axes[0][panels:]:
+        spare.set_visible(False)
     methods = summary["methods"]
-    stages = [r["stage"] for r in records]
+    stages = sorted({r["stage"] for r in records})
     # Methods often score alike (iDLG, LLG and bias share their presence rule): distinct
-    # markers and a small sideways shift keep every line visible instead of hidden beneath another.
-    shift = (max(stages) - min(stages)) * 0.015 if len(stages) > 1 else 0.0
+    # markers and a small sideways shift keep every line visible instead of hidden beneath
+    # another. All shifts stay within 6% of the closest stages' gap: no point leaves its stage.
+    gap = min(b - a for a, b in zip(stages, stages[1:])) if len(stages) > 1 else 0.0
+    shift = 0.12 * gap / max(len(methods) - 1, 1)
     for axis, metric in zip(axes[0], metrics):
         # One colour and marker per method across panels, also where a method lacks a metric.
         for index, method in enumerate(methods):
@@ -276,7 +284,7 @@ def plot_stages(summary: dict, path: Path) -> Path:
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
     if accuracy or fits:
-        axis = axes[0][-1]
+        axis = axes[0][panels - 1]
         if accuracy:
             xs, ys = zip(*accuracy)
             axis.plot(xs, ys, marker="o", color="black", label="val acc")

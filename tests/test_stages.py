@@ -138,6 +138,10 @@ def test_sweep_writes_table_json_png_and_tensorboard(run_dir, tmp_path):
     assert per_stage[0]["config"]["n_dim"] == 32  # from the checkpoint, not attack.py's default
 
     assert (folder / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    width, height = Image.open(folder / "stages.png").size
+    assert width <= 1600 and height <= 900  # panels in a grid, not one long row
     events = EventAccumulator(str(folder))
     events.Reload()
     scalars = events.Scalars("stage/iLRG/LnAcc")
