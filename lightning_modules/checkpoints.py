@@ -134,9 +134,13 @@ def interrupted_checkpoint_name(model: str, dataset: str) -> str:
     return f"{model}_{dataset}_interrupted.ckpt"
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """The error's first sentence (whole sentences, never cut mid-word), with its type."""
     text = str(err).strip()
-    first = text.splitlines()[0][:200] if text else ""
+    first = text.splitlines()[0] if text else ""
+    if len(first) > limit:
+        end = first.find(". ")
+        first = first[: end + 1] if 0 < end < limit else first[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
