@@ -8,6 +8,7 @@ counts that stay on the client's side.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable
@@ -275,6 +276,12 @@ def prepare(config: AttackConfig) -> Setup:
     dataset = data_view(datamodule, config.split, partition)
     auxiliary, aux_description = auxiliary_data(config, datamodule, dataset, partition, num_classes)
     notes = []
+    if config.split.startswith("fit_") and partition is None:
+        part = config.split.removeprefix("fit_")
+        notes.append(
+            f"--split {config.split}: no partition recorded or given, so the whole {part} split "
+            "(train.py trained on the train split)"
+        )
     if aux_description is not None and "left_out" in aux_description:
         notes.append(
             f"no auxiliary data ({aux_description['reason']}): "
@@ -313,6 +320,13 @@ def prepare(config: AttackConfig) -> Setup:
     }
     attacks = {name: build_attack(name, **options) for name in names}
     describe = trained.describe() if trained else {}
+    # Which samples the batches come from: with fit_train/fit_val, train.py's partition (from
+    # the checkpoint or --train_partition), or none (the whole train/val split) -- said either way.
+    describe["view"] = {
+        "split": config.split,
+        "partition": None if partition is None else dataclasses.asdict(partition),
+        "samples": len(dataset),
+    }
     if aux_description is not None:
         describe["auxiliary"] = aux_description
     setup = Setup(

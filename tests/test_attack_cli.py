@@ -183,3 +183,22 @@ def test_config_file_presets_and_flags_win(tmp_path):
     config.write_text("num_trie: 2\n")
     _, proc = run_attack(tmp_path, "--config", str(config), check=False)
     assert proc.returncode == 2 and "unknown option 'num_trie'" in proc.stderr
+
+
+def test_results_record_the_partition_actually_used(tmp_path):
+    """--split fit_train: the partition a checkpoint recorded (or none, said in the log)."""
+    results = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "attack.py", "--split", "fit_train", "--num_tries", "1", "--no-compare",
+         "--quiet", "--log_dir", str(tmp_path), "--results", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(results.read_text())["view"] == {
+        "split": "fit_train",
+        "partition": None,
+        "samples": 60000,
+    }
+    assert (
+        "--split fit_train: no partition recorded or given, so the whole train split" in proc.stderr
+    )
