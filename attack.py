@@ -29,7 +29,6 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     config = parse_args(parser, argv)
     from experiment import runner, stages, victims
-    from experiment.errors import UserError
     from experiment.logs import open_run, quiet_console
     from experiment.runs import (
         RUN_DIR_VARIABLE,
@@ -37,6 +36,7 @@ def _main(argv: list[str] | None) -> int:
         check_output_file,
         is_primary_process,
     )
+    from user_errors import UserError
 
     try:
         # Before any work: a run must not end by failing to save what it did.
@@ -71,7 +71,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _run(config, setup, run_dir: Path | None, logger=None) -> int:
     from experiment import runner, stages
-    from experiment.errors import UserError
+    from user_errors import UserError
 
     try:
         (stages.run_sweep if config.checkpoints else runner.run)(setup, run_dir, logger)

@@ -38,8 +38,8 @@ def _main(argv: list[str] | None) -> int:
     from lightning_modules.train_cli import build_parser
 
     args = parse_args(build_parser(), argv)
-    from experiment.errors import UserError
     from lightning_modules.training import TrainingInterrupted, train
+    from user_errors import UserError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -31,7 +31,7 @@ from torch import nn
 
 from attacks.gradients import embed_and_forward
 from attacks.observation import SharedGradients
-from experiment.errors import UserError
+from user_errors import UserError
 
 if TYPE_CHECKING:
     from attacks.local_update import LocalTraining

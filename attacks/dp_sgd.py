@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from attacks.local_update import LocalTraining, local_copy, update_as_gradients
-from experiment.errors import UserError
+from user_errors import UserError
 
 #: Opacus' default accountant (privacy loss random variables); "rdp" and "gdp" also work
 ACCOUNTANT = "prv"

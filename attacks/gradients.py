@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attacks.observation import SharedGradients
-from experiment.errors import UserError
+from user_errors import UserError
 
 
 def last_linear_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:

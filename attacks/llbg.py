@@ -24,7 +24,7 @@ from attacks.auxiliary import AuxiliaryAttack, AuxiliaryData
 from attacks.llg import impact_counts
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
-from experiment.errors import UserError
+from user_errors import UserError
 
 
 @register_attack("LLBG")

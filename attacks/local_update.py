@@ -27,70 +27,22 @@ Two choices, both so that E = 1 with B = K gives back the FedSGD gradient:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from attacks.gradients import embed_and_forward
-from experiment.errors import UserError
 
-#: the client's local optimizers; "momentum" is heavy-ball SGD with the usual coefficient
-LOCAL_OPTIMIZERS = ("sgd", "momentum")
-MOMENTUM = 0.9
-#: the default local learning rate: the issue's 0.01 (the RLU paper's value was not at hand)
-DEFAULT_LOCAL_LR = 0.01
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """The local-training protocol the server sets: E epochs of mini-batches of B at lr."""
-
-    epochs: int
-    #: None: all K samples in one batch; a B above K also means one batch
-    batch_size: int | None
-    lr: float
-    optimizer: str = "sgd"
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise UserError(f"local training needs >= 1 epoch, got {self.epochs}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"the local batch size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"the local learning rate must be a finite number > 0, got {self.lr}")
-        if self.optimizer not in LOCAL_OPTIMIZERS:
-            raise UserError(
-                f"unknown local optimizer {self.optimizer!r}; valid: {', '.join(LOCAL_OPTIMIZERS)}"
-            )
-
-    def batch_for(self, num_samples: int) -> int:
-        return min(self.batch_size or num_samples, num_samples)
-
-    def steps(self, num_samples: int) -> int:
-        """Optimizer steps over ``num_samples`` samples: E x ceil(K / B)."""
-        return self.epochs * math.ceil(num_samples / self.batch_for(num_samples))
-
-    def describe(self) -> dict:
-        return {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "optimizer": self.optimizer,
-        }
-
-
-@dataclass(frozen=True)
-class LocalUpdate:
-    """What the server knows of a FedAvg update besides its "gradient": protocol, steps, end weights."""
-
-    training: LocalTraining
-    steps: int
-    #: the client's weights after the local steps, by parameter name (start - lr x steps x gradient)
-    end_state: dict[str, torch.Tensor] = field(repr=False, compare=False)
-
+# The protocol and the update's record are what the server knows, next to the gradients:
+# they live in attacks.observation (imported here for the code that finds them here).
+from attacks.observation import (  # noqa: F401
+    DEFAULT_LOCAL_LR,
+    LOCAL_OPTIMIZERS,
+    MOMENTUM,
+    LocalTraining,
+    LocalUpdate,
+)
 
 #: called after each local step's forward pass: (batch indices, embeddings, logits), detached
 Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]

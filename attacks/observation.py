@@ -2,18 +2,73 @@
 
 The server in federated learning holds the model and receives the client's
 gradients and the batch size; it never sees the labels. ``SharedGradients``
-holds exactly that, and it is the only input an attack gets.
+holds exactly that, and it is the only input an attack gets. Under FedAvg the
+server also knows the protocol it set (``LocalTraining``) and the update's
+record (``LocalUpdate``); the client's side of it is ``attacks.local_update``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from attacks.local_update import LocalUpdate
+from user_errors import UserError
+
+#: the client's local optimizers; "momentum" is heavy-ball SGD with the usual coefficient
+LOCAL_OPTIMIZERS = ("sgd", "momentum")
+MOMENTUM = 0.9
+#: the default local learning rate: the issue's 0.01 (the RLU paper's value was not at hand)
+DEFAULT_LOCAL_LR = 0.01
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """The local-training protocol the server sets: E epochs of mini-batches of B at lr."""
+
+    epochs: int
+    #: None: all K samples in one batch; a B above K also means one batch
+    batch_size: int | None
+    lr: float
+    optimizer: str = "sgd"
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise UserError(f"local training needs >= 1 epoch, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"the local batch size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"the local learning rate must be a finite number > 0, got {self.lr}")
+        if self.optimizer not in LOCAL_OPTIMIZERS:
+            raise UserError(
+                f"unknown local optimizer {self.optimizer!r}; valid: {', '.join(LOCAL_OPTIMIZERS)}"
+            )
+
+    def batch_for(self, num_samples: int) -> int:
+        return min(self.batch_size or num_samples, num_samples)
+
+    def steps(self, num_samples: int) -> int:
+        """Optimizer steps over ``num_samples`` samples: E x ceil(K / B)."""
+        return self.epochs * math.ceil(num_samples / self.batch_for(num_samples))
+
+    def describe(self) -> dict:
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+        }
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What the server knows of a FedAvg update besides its "gradient": protocol, steps, end weights."""
+
+    training: LocalTraining
+    steps: int
+    #: the client's weights after the local steps, by parameter name (start - lr x steps x gradient)
+    end_state: dict[str, torch.Tensor] = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)

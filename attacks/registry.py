@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from experiment.errors import UserError
+from user_errors import UserError
 
 ATTACKS: dict[str, type] = {}
 

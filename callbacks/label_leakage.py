@@ -46,7 +46,7 @@ from attacks import AuxiliaryData, Restoration, SharedGradients, build_attack
 from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
 from attacks.metrics import metric_set
-from experiment.errors import UserError
+from user_errors import UserError
 
 #: iLRG's work grows as C^2 (d + C) for C classes and d features; layers below this
 #: many multiply-adds are attacked on the CPU, larger ones where the layer lives.

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from datamodules.names import SPLITS
-from experiment.errors import DataError, UserError
+from user_errors import DataError, UserError
 
 """Split names that ``dm.dataset(split)`` accepts: ``all`` is train then val."""
 

@@ -25,7 +25,7 @@ from datamodules.base import (
     short_reason,
     try_download,
 )
-from experiment.errors import DataError
+from user_errors import DataError
 
 CIFAR_FILES = {"train": "train", "val": "test"}
 SAFE_BUILTINS = frozenset(

@@ -13,7 +13,7 @@ label-leakage study, so it is drawn here, apart from the data sets:
 ``custom_balanced``    classes 0, 18 and 92 with K / 3 images each.
 
 Impossible requests are refused by :func:`check_composition` with a one-line
-:class:`~experiment.errors.CompositionError` before anything is drawn.
+:class:`~user_errors.CompositionError` before anything is drawn.
 :func:`compose_batch` calls it on every draw (a bincount and a few comparisons),
 and :class:`ComposedBatchSampler` calls it once, in its constructor.
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Sampler
 
-from experiment.errors import CompositionError, DataError
+from user_errors import CompositionError, DataError
 
 DISTRIBUTIONS = (
     "random",

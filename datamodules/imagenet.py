@@ -25,7 +25,7 @@ from datamodules.base import (
     LabelledImageDataset,
     short_reason,
 )
-from experiment.errors import DataError
+from user_errors import DataError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 IMAGENET_CLASSES = 1000

@@ -20,7 +20,7 @@ from datamodules.base import (
     short_reason,
     try_download,
 )
-from experiment.errors import DataError
+from user_errors import DataError
 
 IDX_IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dimension

@@ -11,7 +11,7 @@ from datamodules.synthetic import (
     SyntheticImageNetDataModule,
     SyntheticMNISTDataModule,
 )
-from experiment.errors import UserError
+from user_errors import UserError
 
 DATASETS: dict[str, type[ImageClassificationDataModule]] = {
     module.name: module

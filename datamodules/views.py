@@ -16,7 +16,7 @@ import torch
 
 from datamodules.base import ImageClassificationDataModule, split_indices
 from datamodules.names import VIEWS
-from experiment.errors import UserError
+from user_errors import UserError
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,6 @@ Importing the package loads only ``errors``, which every package raises; the har
 imported by name.
 """
 
-from experiment.errors import UserError
+from user_errors import UserError
 
 __all__ = ["UserError"]

@@ -24,9 +24,9 @@ import torch
 from pytorch_lightning.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
-from experiment.errors import UserError
 from experiment.runs import is_primary_process
 from experiment.tries import ShareOfTries, Tries
+from user_errors import UserError
 
 log = logging.getLogger("attack")
 

@@ -12,7 +12,6 @@ from attacks.defenses import DEFENSES, Defense
 from attacks.dp_sgd import Privacy
 from attacks.local_update import DEFAULT_LOCAL_LR, LOCAL_OPTIMIZERS, MOMENTUM, LocalTraining
 from experiment.config import AttackConfig
-from experiment.errors import UserError
 from experiment.options import (
     bounded_float,
     clip_norm,
@@ -23,6 +22,7 @@ from experiment.options import (
     positive_float,
     positive_int,
 )
+from user_errors import UserError
 
 
 def build_local_training(config: AttackConfig) -> LocalTraining | None:

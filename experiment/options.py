@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from experiment.errors import UserError
+from user_errors import UserError
 
 
 def did_you_mean(word: str, candidates) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,19 +25,15 @@ from attacks import (
     check_attack_name,
 )
 from attacks.defenses import describe_defense
-from attacks.dp_sgd import Privacy
-from attacks.local_update import (
-    LocalTraining,
-)
 from experiment.batch_fit import batch_fit_summary
 from experiment.client_options import build_defense, build_local_training, build_privacy
 from experiment.config import AttackConfig
-from experiment.errors import UserError
-from experiment.extension import Extension
 from experiment.logs import RESULT
 from experiment.report import METRIC_NAMES, MethodScores, format_table
 from experiment.runs import write_json_atomic
+from experiment.setup import Setup
 from experiment.trial import TryOutcome, composed_batches, log_try, new_scores
+from user_errors import UserError
 
 log = logging.getLogger("attack")
 
@@ -54,28 +48,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
-
-
-@dataclass
-class Setup:
-    config: AttackConfig
-    datamodule: object
-    dataset: object
-    model: torch.nn.Module
-    device: torch.device
-    attacks: dict[str, object]
-    num_classes: int
-    #: client-side transform of the gradients before they are shared (a defense), or None
-    defense: Callable | None = None
-    extensions: list[Extension] = field(default_factory=list)
-    #: what the run says before its tries (prepare runs before the run's log exists)
-    notes: list[str] = field(default_factory=list)
-    #: what results.json should say about the victim and the defense
-    describe: dict = field(default_factory=dict)
-    #: FedAvg's local training on the client (``--local_epochs``); None: FedSGD, one gradient
-    local_training: LocalTraining | None = None
-    #: the client trains with DP-SGD (``--defense_method dpsgd``); None: it does not
-    privacy: Privacy | None = None
 
 
 def what_ran(setup: Setup) -> str:
@@ -158,7 +130,7 @@ def auxiliary_data(config: AttackConfig, datamodule, attacked, partition, num_cl
     auxiliary attacks stay out of ``--compare``). Data the attacked batches come from is never auxiliary data.
     """
     from datamodules.views import COUNTERPART, auxiliary_sample, data_view
-    from experiment.errors import DataError
+    from user_errors import DataError
 
     needed = needing_auxiliary(config)
     wanted = any(name in needed for name in config.attacks)

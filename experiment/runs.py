@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from experiment.errors import UserError
+from user_errors import UserError
 
 
 def plain(value):

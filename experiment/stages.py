@@ -16,10 +16,10 @@ from pathlib import Path
 
 from experiment import runner
 from experiment.config import AttackConfig
-from experiment.errors import CheckpointError
 from experiment.logs import FILE_ONLY, RESULT
 from experiment.runs import is_primary_process, write_json_atomic
 from experiment.victims import missing_stages
+from user_errors import CheckpointError
 
 log = logging.getLogger("attack")
 

@@ -23,7 +23,7 @@ from experiment.seeding import try_generator
 
 if TYPE_CHECKING:
     from experiment.config import AttackConfig
-    from experiment.runner import Setup
+    from experiment.setup import Setup
 
 
 def composed_batches(config: AttackConfig, dataset, num_classes: int) -> list[list[int]]:

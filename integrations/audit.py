@@ -31,7 +31,7 @@ from attacks import AuxiliaryData, Restoration, SharedGradients, build_attack
 from attacks.gradients import batch_gradients, share
 from attacks.local_update import LocalTraining, LocalUpdate, end_weights
 from attacks.metrics import metric_set
-from experiment.errors import UserError
+from user_errors import UserError
 
 
 def shared_from_batch(

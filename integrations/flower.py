@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from attacks.local_update import LocalTraining
-from experiment.errors import UserError
 from integrations.audit import LeakageAudit, loaded, shared_from_update
 from integrations.audit_log import AuditLog
+from user_errors import UserError
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord

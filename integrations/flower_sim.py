@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from experiment.errors import UserError
+    from user_errors import UserError
 
     try:
         if args.backend == "ray":
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_ray() -> None:
-    from experiment.errors import UserError
+    from user_errors import UserError
 
     try:
         import ray  # noqa: F401
@@ -202,7 +202,7 @@ def dirichlet_clients(
     import numpy as np
     import torch
 
-    from experiment.errors import UserError
+    from user_errors import UserError
 
     labels = np.asarray(targets)
     free = np.ones(len(labels), dtype=bool)
@@ -355,7 +355,7 @@ def prepare(args) -> Plan:
 def private_protocol(args):
     """The clients' DP-SGD protocol, or None. Each sample is in E steps a round, every round."""
     from attacks.dp_sgd import Privacy
-    from experiment.errors import UserError
+    from user_errors import UserError
 
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise UserError("give --target_epsilon or --noise_multiplier, not both")

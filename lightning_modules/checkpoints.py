@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from experiment.errors import CheckpointError, UserError
+from user_errors import CheckpointError, UserError
 
 STAGE_PATTERN = re.compile(r"_(?P<unit>Epoch|Iter)(?P<n>\d+)\.ckpt$")
 # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked".

@@ -18,8 +18,8 @@ import torch
 import torchmetrics
 from torch import nn
 
-from experiment.errors import UserError
 from lightning_modules.networks import build_network
+from user_errors import UserError
 
 OPTIMIZERS = ("SGD", "AdamW")
 SCHEDULERS = ("linear", "none")

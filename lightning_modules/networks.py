@@ -17,7 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers as make_vgg_layers
 
-from experiment.errors import UserError
+from user_errors import UserError
 
 Shape = tuple[int, int, int]
 

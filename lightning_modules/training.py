@@ -19,7 +19,6 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from experiment.errors import CheckpointError, UserError
 from lightning_modules.checkpoints import (
     STAGE_PATTERN,
     atomic_checkpoint_io,
@@ -28,6 +27,7 @@ from lightning_modules.checkpoints import (
     stage_checkpoint_name,
 )
 from lightning_modules.train_config import TrainConfig
+from user_errors import CheckpointError, UserError
 
 log = logging.getLogger("train")
 

@@ -13,9 +13,9 @@ from torch import nn
 from attacks import build_attack
 from attacks.gradients import batch_gradients, share
 from attacks.local_update import LocalTraining, client_update, train_locally
-from experiment.errors import UserError
 from integrations.audit import LeakageAudit, loaded, shared_from_batch, shared_from_update
 from tests.conftest import REPO
+from user_errors import UserError
 
 
 def own_model() -> nn.Module:

@@ -13,8 +13,8 @@ from attacks.llg import impact_counts
 from attacks.metrics import metric_set
 from attacks.rlg import label_space
 from attacks.rlu_plus import round_to_total
-from experiment.errors import UserError
 from tests.helpers import labels_from_counts
+from user_errors import UserError
 
 
 def scores(restored, true) -> dict[str, float]:

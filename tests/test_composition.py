@@ -11,7 +11,7 @@ from datamodules.composition import (
     class_counts,
     compose_batch,
 )
-from experiment.errors import CompositionError, DataError, UserError
+from user_errors import CompositionError, DataError, UserError
 
 
 def shuffled_targets(class_sizes, seed=0):

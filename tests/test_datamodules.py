@@ -14,7 +14,7 @@ from PIL import Image
 
 from datamodules import DATASETS, build_datamodule, dataset_info
 from datamodules.base import LabelledImageDataset
-from experiment.errors import DataError, UserError
+from user_errors import DataError, UserError
 
 NAMES = [
     "MNIST_GRAY",

@@ -23,10 +23,10 @@ from attacks.defenses import (
 )
 from attacks.gradients import batch_gradients, chunked, embed_and_forward
 from experiment.client_options import build_defense
-from experiment.errors import UserError
 from lightning_modules.networks import VictimNetwork, build_network
 from tests.conftest import REPO
 from tests.helpers import TinyVictim
+from user_errors import UserError
 
 
 def frozen_copy(grads):

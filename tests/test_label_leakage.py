@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from callbacks import LabelLeakageCallback
-from experiment.errors import UserError
 from tests.helpers import COUNT_METRICS
 from tests.tiny_training import (
     TinyClassifier,
@@ -25,6 +24,7 @@ from tests.tiny_training import (
     scalars,
     tensorboard_logger,
 )
+from user_errors import UserError
 
 
 def fit(callback, tmp_path, model=None, data=None, batch_size=16, shuffle=False, **trainer_options):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from experiment.errors import UserError
 from lightning_modules import NETWORKS, VictimNetwork, build_network, check_network_fits
+from user_errors import UserError
 
 NUM_CLASSES = 7
 MNIST, CIFAR, IMAGENET = (1, 28, 28), (3, 32, 32), (3, 224, 224)

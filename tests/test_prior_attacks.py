@@ -13,8 +13,8 @@ from attacks import (
 )
 from attacks.llg import impact_counts
 from attacks.rlg import label_space, present_classes
-from experiment.errors import UserError
 from tests.helpers import TinyVictim, labels_from_counts, shared_for
+from user_errors import UserError
 
 
 def hand_made(weight_grad, bias_grad=None, k=3):

@@ -10,11 +10,11 @@ import torch
 import yaml
 
 import train
-from experiment.errors import CheckpointError, UserError
 from lightning_modules import VictimClassifier
 from lightning_modules.checkpoints import load_victim, read_checkpoint
 from lightning_modules.classifier import lr_factor
 from tests.conftest import REPO
+from user_errors import CheckpointError, UserError
 
 MNIST_ARGS = ["--dataset", "MNIST_GRAY", "--train_partition", "val"]
 
