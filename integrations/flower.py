@@ -25,6 +25,7 @@ whose records disagree).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -188,13 +189,9 @@ class LeakageAuditStrategy(Strategy):
             # By the client's name where it has one: node ids change from run to run.
             generator = reply_generator(self.seed, server_round, int(name.get("client", node)))
             result = self.audit(shared, true_counts=truth, generator=generator)
-        except SkippedReply as reason:
+        except (SkippedReply, UserError) as reason:
             entry.update(status="skipped", reason=str(reason))
             log.warning("round %d, node %d: not audited: %s", server_round, node, reason)
-            return entry
-        except UserError as err:
-            entry.update(status="skipped", reason=str(err))
-            log.warning("round %d, node %d: not audited: %s", server_round, node, err)
             return entry
         except Exception as err:  # noqa: BLE001 - an attack's failure must not stop the federation
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -207,10 +204,8 @@ class LeakageAuditStrategy(Strategy):
     def _client_name(self, reply: Message) -> dict:
         if self.client_key is None or reply.has_error():
             return {}
-        for record in reply.content.metric_records.values():
-            if self.client_key in record:
-                return {"client": record[self.client_key]}
-        return {}
+        name = self._metric(reply, self.client_key)
+        return {} if name is None else {"client": name}
 
     def _shared(self, reply: Message, node: int, sent: dict):
         if reply.has_error():
@@ -224,6 +219,7 @@ class LeakageAuditStrategy(Strategy):
         if (
             isinstance(metrics, bool)
             or not isinstance(metrics, (int, float))
+            or not math.isfinite(metrics)
             or metrics != int(metrics)
             or metrics < 1
         ):

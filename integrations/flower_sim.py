@@ -24,6 +24,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 #: the attacks audited by default: iLRG, the per-sample attack, and the floors
 DEFAULT_ATTACKS = ("iLRG", "decompose", "random", "zeros")
@@ -240,11 +241,20 @@ def dirichlet_clients(
     return clients
 
 
+@dataclass
 class Plan:
     """Everything a run needs, built and checked before anything runs."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    args: argparse.Namespace
+    model: object
+    training: object
+    #: each client's (images, labels)
+    clients: list
+    num_classes: int
+    auxiliary: object
+    describe: dict
+    #: the clients' DP-SGD protocol (``attacks.dp_sgd.Privacy``), or None
+    privacy: object = None
 
 
 def prepare(args) -> Plan:
@@ -602,7 +612,7 @@ def summary_text(plan: Plan, outcome: dict, run_dir) -> str:
         + (f" ({plan.describe['stage']})" if plan.describe["stage"] else " (untrained)")
         + f", {args.num_clients} clients x {args.num_images} samples (Dirichlet {args.dirichlet}),"
         f" FedAvg E={args.local_epochs} B={plan.training.batch_for(args.num_images)}"
-        f" lr={args.local_lr}, {args.num_rounds} rounds on {args.backend}"
+        f" lr={args.local_lr}, {args.num_rounds} round{'s' if args.num_rounds != 1 else ''} on {args.backend}"
     )
     if plan.privacy is not None:
         spent = plan.describe["privacy"]["epsilon"]
