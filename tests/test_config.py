@@ -15,7 +15,8 @@ from tests.conftest import REPO
 from tests.test_architecture import PACKAGES
 
 #: the parsers' own modules: the only place the command line is a Namespace
-PARSER_MODULES = {"experiment/options.py", "experiment/cli.py"}
+# the parsers, and the simulation's entry point (its Plan carries the options it parsed)
+PARSER_MODULES = {"experiment/options.py", "experiment/cli.py", "integrations/flower_sim.py"}
 
 
 @pytest.mark.parametrize(
