@@ -239,6 +239,29 @@ class Privacy:
         }
 
 
+def private_optimizer(
+    local: nn.Module, privacy: Privacy, lr: float, batch: int, generator: torch.Generator
+):
+    """Opacus' per-sample hooks on ``local`` (put in training mode: Opacus records per-sample
+    gradients in it only) and its DP-SGD optimizer over plain SGD at ``lr``, averaging over
+    ``batch`` samples, its noise from ``generator``. Returns (the hooked module, the optimizer);
+    close the module's hooks with ``_close()`` when done."""
+    require_opacus()
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    check_supported(local)
+    sampled = GradSampleModule(local.train())
+    optimizer = DPOptimizer(
+        torch.optim.SGD([p for p in local.parameters() if p.requires_grad], lr=lr),
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.opacus_clip,
+        expected_batch_size=batch,
+        generator=generator,
+    )
+    return sampled, optimizer
+
+
 def private_steps(
     model: nn.Module,
     images: torch.Tensor,
@@ -251,7 +274,7 @@ def private_steps(
     Returns the shared "gradients" U / (lr x steps) in the parameters' dtypes, and the steps."""
     local = local_copy(model)
     steps = train_privately(local, images, labels, privacy, training, generator)
-    return update_as_gradients(model, local, training, steps), steps
+    return update_as_gradients(model, dict(local.named_parameters()), training, steps), steps
 
 
 def train_privately(
@@ -265,23 +288,10 @@ def train_privately(
     """``train_locally`` with DP-SGD, in place on ``local`` (a float64 copy): E epochs of
     shuffled mini-batches of B, each step Opacus' clipped, noised mean gradient (noise drawn
     from ``generator``). Returns the steps taken. ``local`` is left in training mode."""
-    require_opacus()
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     if training.optimizer == "momentum":
         raise UserError("the DP-SGD client steps with plain SGD; use --local_optimizer sgd")
-    check_supported(local)
-    local.train()  # Opacus records per-sample gradients in training mode only
-    sampled = GradSampleModule(local)
     batch = training.batch_for(labels.numel())
-    optimizer = DPOptimizer(
-        torch.optim.SGD([p for p in local.parameters() if p.requires_grad], lr=training.lr),
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.opacus_clip,
-        expected_batch_size=batch,
-        generator=generator,
-    )
+    sampled, optimizer = private_optimizer(local, privacy, training.lr, batch, generator)
     steps = 0
     images = images.to(torch.float64)
     try:
@@ -308,21 +318,8 @@ def private_gradient(
 ) -> dict[str, torch.Tensor]:
     """A FedSGD client's DP-SGD gradient of its K samples: (sum of clipped per-sample gradients
     + N(0, sigma^2 C^2 I)) / K, in float64 and kept in the parameters' dtypes."""
-    require_opacus()
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    check_supported(model)
-    local = local_copy(model).train()  # Opacus records per-sample gradients in training mode only
-    sampled = GradSampleModule(local)
-    parameters = [p for p in local.parameters() if p.requires_grad]
-    optimizer = DPOptimizer(
-        torch.optim.SGD(parameters, lr=1.0),
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.opacus_clip,
-        expected_batch_size=labels.numel(),
-        generator=generator,
-    )
+    local = local_copy(model)
+    sampled, optimizer = private_optimizer(local, privacy, 1.0, labels.numel(), generator)
     try:
         loss = nn.functional.cross_entropy(sampled(images.double()), labels)
         with input_free_hooks():

@@ -27,7 +27,7 @@ Two choices, both so that E = 1 with B = K gives back the FedSGD gradient:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -99,18 +99,20 @@ def client_update(
     """
     local = local_copy(model)
     steps = train_locally(local, images.double(), labels, training, generator)
-    return update_as_gradients(model, local, training, steps), steps
+    return update_as_gradients(model, dict(local.named_parameters()), training, steps), steps
 
 
 def update_as_gradients(
-    model: nn.Module, trained: nn.Module, training: LocalTraining, steps: int
+    model: nn.Module, ends: Mapping[str, torch.Tensor], training: LocalTraining, steps: int
 ) -> dict[str, torch.Tensor]:
-    """(W_sent - W_trained) / (lr x steps) of every trainable parameter, in float64, kept in the
-    sent parameter's dtype: what the server attacks of a FedAvg update."""
+    """(W_sent - W_end) / (lr x steps) of every trainable parameter of ``model`` (the weights
+    sent), ``ends`` the weights after the steps by parameter name: computed in float64, kept in
+    the sent parameter's dtype. What the server attacks of a FedAvg update."""
     scale = training.lr * steps
-    ends = dict(trained.named_parameters())
     return {
-        name: ((p.detach().double() - ends[name].detach().double()) / scale).to(p.dtype)
+        name: ((p.detach().double() - ends[name].detach().to(p.device, torch.float64)) / scale).to(
+            p.dtype
+        )
         for name, p in model.named_parameters()
         if p.requires_grad
     }

@@ -191,25 +191,16 @@ finite_float = bounded_float()
 _positive = bounded_float(0, low_open=True)
 
 
-def _is_infinity(value) -> bool:
-    # a command line gives text; a --config file's YAML may give the float .inf
-    return str(value).strip().lower() in ("inf", "+inf", "infinity", ".inf")
+def positive_or_infinite(text) -> float:
+    """A finite number > 0, or inf: a privacy budget (inf: no noise) or a clip norm (inf: no
+    clipping). A command line gives text; a --config file's YAML may give the float .inf."""
+    if str(text).strip().lower() in ("inf", "+inf", "infinity", ".inf"):
+        return math.inf
+    return _positive(text)
 
 
-def epsilon_value(text) -> float:
-    """A privacy budget: a finite number > 0, or inf (no noise)."""
-    return math.inf if _is_infinity(text) else _positive(text)
-
-
-epsilon_value.__name__ = "float"
-
-
-def clip_norm(text) -> float:
-    """A clip norm: a finite number > 0, or inf (no clipping)."""
-    return math.inf if _is_infinity(text) else _positive(text)
-
-
-clip_norm.__name__ = "float"
+positive_or_infinite.__name__ = "float"
+epsilon_value = clip_norm = positive_or_infinite
 
 non_negative_float = bounded_float(0)
 positive_float = bounded_float(0, low_open=True)

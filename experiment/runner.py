@@ -67,9 +67,13 @@ def what_ran(setup: Setup) -> str:
         f"lr = {training.lr:g}, {training.optimizer}"
     )
     return (
-        f"{config.model} on {config.dataset} ({config.split}{stage}), K = {config.num_images}, "
+        f"{victim_and_data(config)} ({config.split}{stage}), K = {config.num_images}, "
         f"{config.num_tries} tries ({config.distribution}), {protocol}"
     )
+
+
+def victim_and_data(config: AttackConfig) -> str:
+    return f"{config.model} on {config.dataset}"
 
 
 def needing_auxiliary(config: AttackConfig) -> tuple[str, ...]:

@@ -33,6 +33,13 @@ def try_seed(seed: int, index: int, stream: str) -> int:
     return int(high) << 32 | int(low)
 
 
+def keyed_generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator from ``seed`` and a key of non-negative integers alone (a Flower
+    round and client, say): the same whichever order the keys are met in."""
+    sequence = np.random.SeedSequence(seed & (2**64 - 1), spawn_key=key)
+    return torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
 def try_generator(seed: int, index: int, stream: str) -> torch.Generator:
     """A CPU generator for ``stream`` of try ``index``; the same on every process and device."""
     return torch.Generator().manual_seed(try_seed(seed, index, stream))

@@ -186,11 +186,9 @@ def write_stages(sweep: Sweep, done: list[dict], status: str, run_dir: Path) -> 
     if config.results:
         write_json_atomic(config.results, summary)
     if done:
-        first = sweep.first
-        header = runner.what_ran(first).split(" (", 1)[0]  # the model and data; stages below
         log.info(
             "\n%s, %d stages of %s\n%s",
-            header,
+            runner.victim_and_data(sweep.first.config),
             len(summary["results"]),
             sweep.config.checkpoints,
             format_stage_table(summary),

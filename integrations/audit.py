@@ -29,7 +29,7 @@ from torch import nn
 
 from attacks import AuxiliaryData, Restoration, SharedGradients, build_attack
 from attacks.gradients import batch_gradients, share
-from attacks.local_update import LocalTraining, LocalUpdate, end_weights
+from attacks.local_update import LocalTraining, LocalUpdate, end_weights, update_as_gradients
 from attacks.metrics import metric_set
 from user_errors import UserError
 
@@ -77,9 +77,7 @@ def shared_from_update(
             f"the returned weights lack {len(missing)} of the model's parameters "
             f"(first: {missing[0]!r})"
         )
-    steps = training.steps(num_images)
-    scale = training.lr * steps
-    grads = {}
+    ends = {}
     for name, start in sent.items():
         end = torch.as_tensor(returned[name])
         if tuple(end.shape) != tuple(start.shape):
@@ -89,8 +87,9 @@ def shared_from_update(
             )
         if not bool(torch.isfinite(end).all()):
             raise UserError(f"the returned {name!r} holds non-finite values")
-        difference = start.detach().double() - end.to(start.device, torch.float64)
-        grads[name] = (difference / scale).to(start.dtype)
+        ends[name] = end
+    steps = training.steps(num_images)
+    grads = update_as_gradients(sent_model, ends, training, steps)
     update = LocalUpdate(training, steps, end_weights(sent_model, grads, training, steps))
     return share(sent_model, grads, num_images, layer_name, local_update=update)
 
@@ -125,18 +124,14 @@ class AuditResult:
         return None if counts is None else [int(c) for c in counts.tolist()]
 
     def record(self) -> dict:
-        """A JSON-ready record: per method its counts (or present classes), separated samples
-        for a per-sample attack, seconds and scores; the true counts where known."""
+        """A JSON-ready record: per method what attack.py's results.json holds of it (counts or
+        present classes; a per-sample attack's separated samples and their labels), its seconds
+        and scores; the true counts where known."""
+        from experiment.trial import method_record
+
         methods = {}
         for name, restoration in self.restorations.items():
-            entry: dict = {}
-            if restoration.counts is None:
-                entry["present"] = torch.nonzero(restoration.present).flatten().tolist()
-            else:
-                entry["counts"] = self.counts(name)
-            if restoration.separated is not None:
-                entry["separated"] = restoration.separated
-            entry["seconds"] = round(self.seconds[name], 6)
+            entry = {**method_record(restoration), "seconds": round(self.seconds[name], 6)}
             if self.scores is not None:
                 entry["scores"] = self.scores[name]
             methods[name] = entry

@@ -30,11 +30,11 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import torch
 from torch import nn
 
 from attacks.local_update import LocalTraining
+from experiment.seeding import keyed_generator
 from integrations.audit import LeakageAudit, loaded, shared_from_update
 from integrations.audit_log import AuditLog
 from user_errors import UserError
@@ -54,11 +54,12 @@ log = logging.getLogger("audit")
 LABEL_COUNTS_KEY = "label-counts"
 
 
-def reply_generator(seed: int, server_round: int, node: int) -> torch.Generator:
-    """The randomised attacks' stream for one reply: from (seed, round, node) alone, so the
-    log does not depend on the order the replies arrived in."""
-    sequence = np.random.SeedSequence(seed & (2**64 - 1), spawn_key=(server_round, node))
-    return torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+def reply_metric(reply: Message, key: str):
+    """The value of metric ``key`` in any of a reply's MetricRecords, or None."""
+    for record in reply.content.metric_records.values():
+        if key in record:
+            return record[key]
+    return None
 
 
 class SkippedReply(Exception):
@@ -158,7 +159,11 @@ class LeakageAuditStrategy(Strategy):
     def audit_round(self, server_round: int, replies: list[Message], sent: dict) -> dict:
         """Audit every reply of a round and add the round to the log."""
         started = time.perf_counter()
-        clients = [self.audit_reply(server_round, reply, sent) for reply in replies]
+        # One model per distinct sent record (FedAvg sends all clients the same): loaded once,
+        # and the auxiliary attacks' statistics of it, which depend on the weights alone,
+        # computed once for the round instead of once per client.
+        models: dict[int, nn.Module] = {}
+        clients = [self.audit_reply(server_round, reply, sent, models) for reply in replies]
         try:
             return self.log.add_round(server_round, clients, time.perf_counter() - started)
         except OSError as err:  # a full disk must not stop the federation
@@ -175,7 +180,9 @@ class LeakageAuditStrategy(Strategy):
             self._worker = None
         self.log.close()
 
-    def audit_reply(self, server_round: int, reply: Message, sent: dict | None = None) -> dict:
+    def audit_reply(
+        self, server_round: int, reply: Message, sent: dict | None = None, models=None
+    ) -> dict:
         """One reply's log entry: its restorations (and scores), or why it was skipped.
 
         Nothing here raises for a bad reply: a federation never stops for its audit.
@@ -185,9 +192,11 @@ class LeakageAuditStrategy(Strategy):
         try:
             name = self._client_name(reply)
             entry.update(name)
-            shared, truth = self._shared(reply, node, self._sent if sent is None else sent)
-            # By the client's name where it has one: node ids change from run to run.
-            generator = reply_generator(self.seed, server_round, int(name.get("client", node)))
+            sent = self._sent if sent is None else sent
+            shared, truth = self._shared(reply, node, sent, {} if models is None else models)
+            # From (seed, round, client) alone, so the log does not depend on the order the
+            # replies arrived in; by the client's name where it has one (node ids change).
+            generator = keyed_generator(self.seed, server_round, int(name.get("client", node)))
             result = self.audit(shared, true_counts=truth, generator=generator)
         except (SkippedReply, UserError) as reason:
             entry.update(status="skipped", reason=str(reason))
@@ -204,10 +213,10 @@ class LeakageAuditStrategy(Strategy):
     def _client_name(self, reply: Message) -> dict:
         if self.client_key is None or reply.has_error():
             return {}
-        name = self._metric(reply, self.client_key)
+        name = reply_metric(reply, self.client_key)
         return {} if name is None else {"client": name}
 
-    def _shared(self, reply: Message, node: int, sent: dict):
+    def _shared(self, reply: Message, node: int, sent: dict, models: dict):
         if reply.has_error():
             raise SkippedReply(f"the client failed: {reply.error.reason}")
         if node not in sent:
@@ -215,7 +224,7 @@ class LeakageAuditStrategy(Strategy):
         returned = reply.content.get(self.arrayrecord_key)
         if not isinstance(returned, ArrayRecord):
             raise SkippedReply(f"the reply holds no ArrayRecord {self.arrayrecord_key!r}")
-        metrics = self._metric(reply, self.num_examples_key)
+        metrics = reply_metric(reply, self.num_examples_key)
         if (
             isinstance(metrics, bool)
             or not isinstance(metrics, (int, float))
@@ -225,23 +234,19 @@ class LeakageAuditStrategy(Strategy):
         ):
             raise SkippedReply(f"{self.num_examples_key!r} is {metrics!r}, not a sample count >= 1")
         num_images = int(metrics)
-        sent_model = loaded(self.model, sent[node].to_torch_state_dict())
+        record = sent[node]
+        if id(record) not in models:
+            models[id(record)] = loaded(self.model, record.to_torch_state_dict())
+        sent_model = models[id(record)]
         shared = shared_from_update(
             sent_model, returned.to_torch_state_dict(), self.training, num_images, self.layer_name
         )
         truth = None
         if self.score_labels:
-            counts = self._metric(reply, LABEL_COUNTS_KEY)
+            counts = reply_metric(reply, LABEL_COUNTS_KEY)
             if counts is not None:
                 truth = torch.tensor(counts).round().long()
         return shared, truth
-
-    @staticmethod
-    def _metric(reply: Message, key: str):
-        for record in reply.content.metric_records.values():
-            if key in record:
-                return record[key]
-        return None
 
     # --- the rest is the wrapped strategy's -----------------------------------------------
 

@@ -379,13 +379,15 @@ def private_protocol(args):
     return None
 
 
+#: the last key of the clients' shuffle streams (the audit's streams have none)
+CLIENT_STREAM = 7
+
+
 def client_generator(seed: int, server_round: int, client: int):
     """Client ``client``'s shuffles in round ``server_round``: from (seed, round, client) alone."""
-    import numpy as np
-    import torch
+    from experiment.seeding import keyed_generator
 
-    sequence = np.random.SeedSequence(seed & (2**64 - 1), spawn_key=(server_round, client, 7))
-    return torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+    return keyed_generator(seed, server_round, client, CLIENT_STREAM)
 
 
 def client_app(plan: Plan):
@@ -443,12 +445,10 @@ class ClientOrder:
 
 
 def _client_of(message) -> int:
-    if message.has_error():
-        return -1
-    for record in message.content.metric_records.values():
-        if "partition-id" in record:
-            return int(record["partition-id"])
-    return -1
+    from integrations.flower import reply_metric
+
+    client = None if message.has_error() else reply_metric(message, "partition-id")
+    return -1 if client is None else int(client)
 
 
 def server_app(plan: Plan, outcome: dict):

@@ -174,7 +174,7 @@ class VictimClassifier(pl.LightningModule):
         """DP-SGD through Opacus: per-sample gradients by hooks on the network's layers, each
         clipped to ``dp_max_grad_norm``, summed, noised with std sigma x C and divided by the
         batch size before ``optimizer`` steps (``attacks.dp_sgd`` has the accounting)."""
-        from attacks.dp_sgd import check_supported, input_free_hooks, require_opacus
+        from attacks.dp_sgd import check_supported, require_opacus
 
         require_opacus()
         from opacus import GradSampleModule
@@ -186,7 +186,6 @@ class VictimClassifier(pl.LightningModule):
             # Kept out of the module tree (a list): the hooks live on the network's own layers,
             # so its parameter names, state_dict and checkpoints stay those of a plain run.
             self._sampled = [GradSampleModule(self.network)]
-            self._quiet_hooks = input_free_hooks
         return DPOptimizer(
             optimizer,
             noise_multiplier=hp.dp_noise_multiplier,
@@ -196,9 +195,11 @@ class VictimClassifier(pl.LightningModule):
         )
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        if getattr(self, "_quiet_hooks", None) is None:
+        if getattr(self, "_sampled", None) is None:
             return super().backward(loss, *args, **kwargs)
-        with self._quiet_hooks():
+        from attacks.dp_sgd import input_free_hooks
+
+        with input_free_hooks():
             super().backward(loss, *args, **kwargs)
 
     def _base_optimizer(self):

@@ -119,3 +119,12 @@ class StreamWatcher:
         """Everything the child wrote, once the pipe closes (the child has ended)."""
         self._thread.join(timeout)
         return self.text()
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """An entry point's ``main(argv)`` in this process: its exit code, argparse's own refusals
+    (a SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code

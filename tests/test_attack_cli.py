@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import COMPARED_METHODS, COUNT_METRICS
+from tests.helpers import COMPARED_METHODS, COUNT_METRICS, exit_code
 
 
 def run_attack(tmp_path, *args, check=True):
@@ -169,11 +169,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     import attack
 
     argv = ["--log_dir", str(tmp_path / "logs"), "--results", str(tmp_path / "results.json")]
-    try:
-        code = attack.main([*argv, "--quiet", *args])
-    except SystemExit as stop:  # argparse's own refusals
-        code = stop.code
-    assert code == 2
+    assert exit_code(attack.main, [*argv, "--quiet", *args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("attack.py: error: ")

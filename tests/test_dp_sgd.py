@@ -22,6 +22,7 @@ from attacks.gradients import batch_gradients
 from attacks.local_update import LocalTraining, client_update
 from attacks.metrics import TargetLabelAccuracy
 from tests.conftest import REPO
+from tests.helpers import exit_code
 
 DELTA = 1e-5
 
@@ -210,11 +211,7 @@ def test_target_label_accuracy_hand_cases():
 def test_bad_dpsgd_requests_are_one_line(options, message, tmp_path, capsys):
     import attack
 
-    try:
-        code = attack.main(["--num_tries", "1", "--log_dir", str(tmp_path), *options])
-    except SystemExit as stop:  # argparse's own refusals
-        code = stop.code
-    assert code == 2
+    assert exit_code(attack.main, ["--num_tries", "1", "--log_dir", str(tmp_path), *options]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     if "--batchnorm" in options:

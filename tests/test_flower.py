@@ -21,6 +21,7 @@ from integrations.audit import loaded
 from integrations.flower import LeakageAuditStrategy
 from integrations.local_grid import FIRST_NODE_ID, LocalGrid
 from tests.conftest import REPO
+from tests.helpers import exit_code
 
 NUM_CLIENTS, NUM_ROUNDS, K = 3, 2, 16
 
@@ -318,11 +319,9 @@ def run_sim(*args, timeout=300):
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(args, message, tmp_path, capsys):
-    try:
-        code = flower_sim.main(["--backend", "local", "--log_dir", str(tmp_path), *args])
-    except SystemExit as stop:  # argparse's own refusals
-        code = stop.code
-    assert code == 2
+    assert (
+        exit_code(flower_sim.main, ["--backend", "local", "--log_dir", str(tmp_path), *args]) == 2
+    )
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob("flower/version_*"))
