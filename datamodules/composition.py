@@ -14,17 +14,24 @@ label-leakage study, so it is drawn here, apart from the data sets:
 
 Impossible requests are refused by :func:`check_composition` with a one-line
 :class:`~user_errors.CompositionError` before anything is drawn.
-:func:`compose_batch` calls it on every draw (a bincount and a few comparisons),
-and :class:`ComposedBatchSampler` calls it once, in its constructor.
+:func:`compose_batch` calls it on every call (a bincount and a few comparisons),
+and :class:`BatchComposer` (so :class:`ComposedBatchSampler`) once, in its constructor.
 
-All randomness comes from the ``torch.Generator`` passed in; the work is done on
-the CPU and is vectorised over classes and samples.
+All randomness comes from the ``torch.Generator`` passed in, and a draw costs
+O(K) whatever the size of the split: :class:`BatchComposer` sorts the split's
+indices by class once, and a draw picks K positions in it by a partial
+Fisher-Yates shuffle that touches only the positions it picks. Batch ``i`` of
+:class:`ComposedBatchSampler` comes from its own generator, seeded from
+``(seed, i)`` alone (:func:`keyed_generator`), so any one batch is drawn without
+the ones before it: a run of 100,000 tries starts as soon as one of 50, and
+processes that split the tries draw only their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -97,14 +104,102 @@ def compose_batch(
     LongTensor (K,) of distinct indices into ``targets`` in random order. The
     request is validated first (:func:`check_composition`), so an impossible one
     raises :class:`CompositionError` and draws nothing. ``generator`` must be a
-    CPU generator.
+    CPU generator. To draw many batches of one split, build a
+    :class:`BatchComposer` once and call its ``draw``.
     """
-    targets = _as_labels(targets, num_classes)
-    class_sizes = torch.bincount(targets, minlength=num_classes)
-    check_composition(class_sizes, num_images, distribution, num_target_cls, num_uniform_cls)
-    return _draw(
-        targets, class_sizes, num_images, distribution, generator, num_target_cls, num_uniform_cls
+    composer = BatchComposer(
+        targets, num_classes, num_images, distribution, num_target_cls, num_uniform_cls
     )
+    return composer.draw(generator)
+
+
+def keyed_generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator from ``seed`` and a key of non-negative integers alone (batch ``i`` of
+    a sampler; a Flower round and client): the same whichever order the keys are met in.
+
+    numpy's ``SeedSequence`` mixes them, so nearby keys give uncorrelated streams
+    (seed 1, batch 0 is not seed 0, batch 1); a negative seed is taken as its 64-bit
+    two's complement.
+    """
+    sequence = np.random.SeedSequence(seed & (2**64 - 1), spawn_key=key)
+    return torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+class BatchComposer:
+    """Draws composed batches of one split in O(K) each.
+
+    The constructor validates the request (:func:`check_composition`) and sorts
+    the split's indices by class, once: O(N log N) time and N integers of memory.
+    """
+
+    def __init__(
+        self,
+        targets: torch.Tensor,
+        num_classes: int,
+        num_images: int,
+        distribution: str,
+        num_target_cls: int = 10,
+        num_uniform_cls: int = 8,
+    ) -> None:
+        targets = _as_labels(targets, num_classes)
+        self.class_sizes = torch.bincount(targets, minlength=num_classes)
+        check_composition(
+            self.class_sizes, num_images, distribution, num_target_cls, num_uniform_cls
+        )
+        self.num_samples = targets.numel()
+        self.num_images = num_images
+        self.distribution = distribution
+        self.num_target_cls = num_target_cls
+        self.num_uniform_cls = num_uniform_cls
+        # The split's indices grouped by class: class c's samples are
+        # by_class[class_starts[c] : class_starts[c] + class_sizes[c]].
+        self.by_class = torch.argsort(targets, stable=True)
+        self.class_starts = torch.cumsum(self.class_sizes, 0) - self.class_sizes
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        """The (K,) distinct indices of one batch, in random order."""
+        k = self.num_images
+        if self.distribution == "random":
+            indices = _partial_shuffle(
+                torch.arange(k), torch.full((k,), self.num_samples), generator
+            )
+        else:
+            classes, counts = _CLASS_COUNTS[self.distribution](
+                self.class_sizes, k, generator, self.num_target_cls, self.num_uniform_cls
+            )
+            # Batch position p takes the rank_in_class[p]-th pick of class classes[slot[p]].
+            slot = torch.repeat_interleave(torch.arange(classes.numel()), counts)
+            rank_in_class = torch.arange(k) - (torch.cumsum(counts, 0) - counts)[slot]
+            starts = self.class_starts[classes][slot]
+            ends = starts + self.class_sizes[classes][slot]
+            indices = self.by_class[_partial_shuffle(starts + rank_in_class, ends, generator)]
+        # The position of a sample in the batch should say nothing about its class.
+        return indices[torch.randperm(k, generator=generator)]
+
+
+def _partial_shuffle(
+    lows: torch.Tensor, highs: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Distinct positions: position p is a uniform pick from ``[lows[p], highs[p])`` without
+    the picks of the positions before it in the same segment.
+
+    A Fisher-Yates shuffle of each segment ``[start, end)`` stopped after the positions
+    asked for: step p swaps ``lows[p]`` with a uniform position of ``[lows[p], highs[p])``
+    and keeps what lands at ``lows[p]``. Only the swapped positions are stored, so the
+    cost is O(K), not the segment's length. The swaps depend on each other, which is
+    why this one loop runs over the K samples in Python (a few microseconds each).
+    """
+    spans = (highs - lows).to(torch.float64)
+    # float64 uniforms carry 53 random bits: the bias of floor(u * n) is below n / 2**53.
+    picks = (
+        lows + (torch.rand(lows.numel(), dtype=torch.float64, generator=generator) * spans).long()
+    )
+    moved: dict[int, int] = {}
+    taken = []
+    for low, pick in zip(lows.tolist(), picks.tolist()):
+        taken.append(moved.get(pick, pick))
+        moved[pick] = moved.get(low, low)
+    return torch.tensor(taken, dtype=torch.long)
 
 
 def class_counts(targets: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -115,8 +210,9 @@ def class_counts(targets: torch.Tensor, indices: torch.Tensor, num_classes: int)
 class ComposedBatchSampler(Sampler[list[int]]):
     """A ``batch_sampler`` that yields ``num_batches`` composed batches of indices.
 
-    Every iteration restarts a generator seeded with ``seed``, so it yields the
-    same batches each time. The request is validated here, in the constructor.
+    Batch ``i`` is drawn from :func:`keyed_generator` ``(seed, i)`` alone
+    (:meth:`batch`), so every iteration yields the same batches and any one of them
+    can be drawn on its own. The request is validated here, in the constructor.
     Works with ``DataLoader(dataset, batch_sampler=...)`` for any data set whose
     ``targets`` were passed in.
     """
@@ -133,33 +229,23 @@ class ComposedBatchSampler(Sampler[list[int]]):
         num_uniform_cls: int = 8,
     ) -> None:
         super().__init__()
-        self.targets = _as_labels(targets, num_classes)
-        self.class_sizes = torch.bincount(self.targets, minlength=num_classes)
-        check_composition(
-            self.class_sizes, num_images, distribution, num_target_cls, num_uniform_cls
+        self.composer = BatchComposer(
+            targets, num_classes, num_images, distribution, num_target_cls, num_uniform_cls
         )
         if num_batches < 1:
             raise CompositionError(f"num_batches must be at least 1, got {num_batches}")
-        self.num_images = num_images
-        self.distribution = distribution
         self.num_batches = num_batches
         self.seed = seed
-        self.num_target_cls = num_target_cls
-        self.num_uniform_cls = num_uniform_cls
+
+    def batch(self, index: int) -> torch.Tensor:
+        """The (K,) indices of batch ``index``."""
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} is not one of the {self.num_batches} batches")
+        return self.composer.draw(keyed_generator(self.seed, index))
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.num_batches):
-            indices = _draw(
-                self.targets,
-                self.class_sizes,
-                self.num_images,
-                self.distribution,
-                generator,
-                self.num_target_cls,
-                self.num_uniform_cls,
-            )
-            yield indices.tolist()
+        for index in range(self.num_batches):
+            yield self.batch(index).tolist()
 
     def __len__(self) -> int:
         return self.num_batches
@@ -189,57 +275,6 @@ _CUSTOM_COUNTS: dict[str, Callable[[int], tuple[int, int, int]]] = {
     "custom_imbalanced": lambda k: (1, k - 2, 1),
     "custom_balanced": lambda k: (k // 3, k // 3, k // 3),
 }
-
-
-def _draw(
-    targets: torch.Tensor,
-    class_sizes: torch.Tensor,
-    num_images: int,
-    distribution: str,
-    generator: torch.Generator,
-    num_target_cls: int,
-    num_uniform_cls: int,
-) -> torch.Tensor:
-    """Draw a batch of a request that passed :func:`check_composition`."""
-    if distribution == "random":
-        indices = torch.randperm(targets.numel(), generator=generator)[:num_images]
-    else:
-        classes, counts = _CLASS_COUNTS[distribution](
-            class_sizes, num_images, generator, num_target_cls, num_uniform_cls
-        )
-        indices = _sample_within_classes(targets, class_sizes, classes, counts, generator)
-    # The position of a sample in the batch should say nothing about its class.
-    return indices[torch.randperm(num_images, generator=generator)]
-
-
-def _sample_within_classes(
-    targets: torch.Tensor,
-    class_sizes: torch.Tensor,
-    classes: torch.Tensor,
-    counts: torch.Tensor,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """``counts[j]`` distinct random samples of class ``classes[j]``, for every j at once.
-
-    The samples of the chosen classes are put in random order and then stably
-    sorted by class, so each class's segment is a random permutation of its
-    samples; the first ``counts[j]`` of segment j are taken.
-    """
-    slot = torch.full((class_sizes.numel(),), -1, dtype=torch.long)
-    slot[classes] = torch.arange(classes.numel())
-    candidates = torch.nonzero(slot[targets] >= 0).squeeze(1)
-    candidates = candidates[torch.randperm(candidates.numel(), generator=generator)]
-    grouped = candidates[torch.argsort(slot[targets[candidates]], stable=True)]
-
-    sizes = class_sizes[classes]
-    segment_starts = torch.cumsum(sizes, 0) - sizes
-    batch_ends = torch.cumsum(counts, 0)
-    batch_rank = torch.arange(int(batch_ends[-1]))
-    # The class slot of each batch position; a searchsorted is much cheaper
-    # than repeat_interleave for these few segments.
-    batch_slot = torch.searchsorted(batch_ends, batch_rank, right=True)
-    rank_in_class = batch_rank - (batch_ends - counts)[batch_slot]
-    return grouped[segment_starts[batch_slot] + rank_in_class]
 
 
 def _random_classes(

@@ -275,9 +275,9 @@ def prepare(config: AttackConfig) -> Setup:
     if dataset.decodes_files:
         # Every file the run will read is decoded now (a corrupt image is one line and exit 2
         # before the run folder exists), not when a try first meets it. The batches come
-        # from the seed alone, so run() draws the very same ones again.
+        # from the seed alone, so run() draws the very same ones again (O(K) each).
         dataset.check_readable(
-            torch.tensor(composed_batches(config, dataset, num_classes)).unique()
+            torch.tensor(list(composed_batches(config, dataset, num_classes))).unique()
         )
     network = trained.network if trained else build_victim(config, num_classes, input_shape)
     model = network.to(device).eval()

@@ -8,15 +8,18 @@ shuffles) gets its own generator, seeded from the run's seed, the try's index an
 the stream's name through numpy's ``SeedSequence``, whose outputs for nearby
 inputs are uncorrelated (seed 1, try 0 is not seed 0, try 1).
 
-The batches themselves are drawn from one stream seeded with the run's seed, as
-``ComposedBatchSampler`` does: drawing all of them is cheap, so every process
-draws the whole list and keeps its own tries.
+The batches themselves come from ``ComposedBatchSampler.batch(i)``, whose generator is
+keyed by (seed, i) the same way (``keyed_generator``): a process draws only its own
+tries' batches, each in O(K), when it reaches them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+# batches and a Flower client's streams are keyed the composition's way; re-exported here
+from datamodules.composition import keyed_generator  # noqa: F401
 
 #: the randomised parts of a try, each with its own stream
 STREAMS = ("guess", "defense", "client")
@@ -31,13 +34,6 @@ def try_seed(seed: int, index: int, stream: str) -> int:
     sequence = np.random.SeedSequence(entropy, spawn_key=(index, STREAMS.index(stream)))
     high, low = sequence.generate_state(2, dtype=np.uint32)
     return int(high) << 32 | int(low)
-
-
-def keyed_generator(seed: int, *key: int) -> torch.Generator:
-    """A CPU generator from ``seed`` and a key of non-negative integers alone (a Flower
-    round and client, say): the same whichever order the keys are met in."""
-    sequence = np.random.SeedSequence(seed & (2**64 - 1), spawn_key=key)
-    return torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 def try_generator(seed: int, index: int, stream: str) -> torch.Generator:

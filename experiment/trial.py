@@ -22,26 +22,25 @@ from experiment.report import MethodScores
 from experiment.seeding import try_generator
 
 if TYPE_CHECKING:
+    from datamodules.composition import ComposedBatchSampler
     from experiment.config import AttackConfig
     from experiment.setup import Setup
 
 
-def composed_batches(config: AttackConfig, dataset, num_classes: int) -> list[list[int]]:
-    """The indices of the ``num_tries`` batches, from the seed alone (the same for every
-    stage of a sweep, every pass over them and every process)."""
+def composed_batches(config: AttackConfig, dataset, num_classes: int) -> ComposedBatchSampler:
+    """The ``num_tries`` batches: batch i from (seed, i) alone (the same for every stage of
+    a sweep, every pass over them and every process), drawn when asked for."""
     from datamodules.composition import ComposedBatchSampler
 
-    return list(
-        ComposedBatchSampler(
-            dataset.targets,
-            num_classes,
-            config.num_images,
-            config.distribution,
-            config.num_tries,
-            seed=config.seed,
-            num_target_cls=config.num_target_cls,
-            num_uniform_cls=config.num_uniform_cls,
-        )
+    return ComposedBatchSampler(
+        dataset.targets,
+        num_classes,
+        config.num_images,
+        config.distribution,
+        config.num_tries,
+        seed=config.seed,
+        num_target_cls=config.num_target_cls,
+        num_uniform_cls=config.num_uniform_cls,
     )
 
 

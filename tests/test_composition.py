@@ -6,10 +6,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.composition import (
     DISTRIBUTIONS,
+    BatchComposer,
     ComposedBatchSampler,
     check_composition,
     class_counts,
     compose_batch,
+    keyed_generator,
 )
 from user_errors import CompositionError, DataError, UserError
 
@@ -270,16 +272,76 @@ def test_sampler_with_dataloader_yields_composed_batches_again_and_again():
     assert len({tuple(x.squeeze(1).tolist()) for x, _ in first}) == 5
 
 
-def test_sampler_draws_what_compose_batch_draws_from_the_same_seed():
+def test_sampler_batch_i_is_compose_batch_with_the_generator_keyed_by_seed_and_i():
     targets, sampler = make_sampler("random2", num_target_cls=6)
-    batch = next(iter(sampler))
-    generator = torch.Generator().manual_seed(3)
-    expected = compose_batch(targets, 100, 24, "random2", generator, num_target_cls=6)
-    assert batch == expected.tolist()
+    batches = list(sampler)
+    for index in (0, 3):
+        expected = compose_batch(
+            targets, 100, 24, "random2", keyed_generator(3, index), num_target_cls=6
+        )
+        assert batches[index] == expected.tolist() == sampler.batch(index).tolist()
+    # any batch on its own, in any order: the same as in the whole sequence
+    assert sampler.batch(4).tolist() == batches[4]
+    with pytest.raises(IndexError, match="batch 5 is not one of the 5 batches"):
+        sampler.batch(5)
 
 
 def test_sampler_seed_changes_the_batches():
     assert list(make_sampler(seed=0)[1]) != list(make_sampler(seed=1)[1])
+
+
+def test_random_draws_every_ordered_pair_equally_often():
+    # K = 2 of N = 5: each of the 20 ordered pairs has probability 1/20.
+    composer = BatchComposer(torch.arange(5), 5, 2, "random")
+    generator = torch.Generator().manual_seed(0)
+    draws = 20000
+    pairs = torch.stack([composer.draw(generator) for _ in range(draws)])
+    codes = torch.bincount(pairs[:, 0] * 5 + pairs[:, 1], minlength=25)
+    assert codes[torch.arange(5) * 6].sum() == 0  # never one sample twice
+    observed = codes[codes > 0].double()
+    assert observed.numel() == 20
+    chi2 = float(((observed - draws / 20) ** 2 / (draws / 20)).sum())
+    # chi-square with 19 degrees of freedom: P(chi2 > 43.8) = 0.001
+    assert chi2 < 43.8
+
+
+def test_a_class_draw_takes_every_sample_of_its_class_equally_often():
+    # extreme, K = 3 of a class of 6: each sample is in the batch with probability 1/2.
+    targets = shuffled_targets([6, 6])
+    composer = BatchComposer(targets, 2, 3, "extreme")
+    generator = torch.Generator().manual_seed(1)
+    hits = torch.zeros(12)
+    draws = 6000
+    for _ in range(draws):
+        batch = composer.draw(generator)
+        assert targets[batch].unique().numel() == 1 and batch.unique().numel() == 3
+        hits[batch] += 1
+    # each of the 12 samples is chosen in half of its class's draws (about draws / 4):
+    # a binomial's standard deviation is below sqrt(6000 * 0.25) = 38.7
+    assert (hits - draws / 4).abs().max() < 5 * 38.7
+
+
+def test_a_draw_costs_the_batch_not_the_split(monkeypatch):
+    """The composer sorts the split once; a draw then touches K positions: drawing 24 of
+    a million samples builds no random tensor of the split's size (a randperm of it would)."""
+    targets = torch.randint(0, 1000, (1_000_000,), generator=torch.Generator().manual_seed(0))
+    sizes = []
+    for name in ("randperm", "rand", "tensor"):
+        original = getattr(torch, name)
+
+        def recorded(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(torch, name, recorded)
+    for distribution in ("random", "balanced", "extreme", "unique"):
+        composer = BatchComposer(targets, 1000, 24, distribution)
+        sizes.clear()
+        batch = composer.draw(torch.Generator().manual_seed(0))
+        assert batch.numel() == 24 and batch.unique().numel() == 24
+        # at most the classes (a random pick of 1000) and the batch
+        assert sizes and max(sizes) <= 1000, (distribution, sizes)
 
 
 def test_sampler_validates_in_its_constructor():

@@ -27,13 +27,25 @@ def test_a_rank_outside_the_processes_is_refused():
 
 def test_tries_are_the_composed_batches_with_their_index():
     targets = torch.arange(40) % 10
-    batches = list(ComposedBatchSampler(targets, 10, 8, "random", 4, seed=3))
-    tries = Tries(batches)
+    sampler = ComposedBatchSampler(targets, 10, 8, "random", 4, seed=3)
+    batches = list(sampler)
+    tries = Tries(sampler)
     assert len(tries) == 4
-    for index in range(4):
+    # in any order (as a process's share asks for them): try i is batch i
+    for index in (3, 0, 2, 1):
         got_index, indices = tries[index]
         assert got_index == index and indices.tolist() == batches[index]
         assert indices.dtype == torch.long
+
+
+def test_a_hundred_thousand_tries_are_drawn_only_when_asked_for():
+    targets = torch.arange(60000) % 10
+    sampler = ComposedBatchSampler(targets, 10, 24, "random", 100_000, seed=0)
+    tries = Tries(sampler)
+    share = ShareOfTries(len(tries), 1, 2)
+    assert len(share) == 50_000 and isinstance(share.indices, range)
+    index, indices = tries[99_999]
+    assert index == 99_999 and indices.tolist() == sampler.batch(99_999).tolist()
 
 
 def test_streams_depend_on_seed_index_and_name_only():
