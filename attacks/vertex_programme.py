@@ -71,6 +71,8 @@ class VertexProgramme:
         matrix.start_ = np.arange(0, constraints.size + 1, num_rows, dtype=np.int32)
         matrix.index_ = np.tile(np.arange(num_rows, dtype=np.int32), num_cols)
         matrix.value_ = np.ascontiguousarray(constraints.T).ravel()
+        #: the rows then ``last``: kept so that a benchmark can solve the same programme afresh
+        self.constraints = constraints
         self._solver = quiet_solver()
         self._solver.passModel(programme)
         self._columns = np.arange(num_cols, dtype=np.int32)

@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.common import Result, format_seconds, quartiles, seconds
 from benchmarks.dp_cost import dp_client_cost
+from benchmarks.everyday import decompose_lp, first_try
 from benchmarks.flower_audit import flower_audit
 from benchmarks.trained import trained_stages
 
@@ -542,6 +543,8 @@ CASES = {
     "callback": callback_overhead,
     "chunking": chunked_gradients,
     "attack_py": attack_end_to_end,
+    "decompose_lp": decompose_lp,
+    "first_try": first_try,
     "gpu": gpu_resnet50,
     "flower": flower_audit,
     "dp_client": dp_client_cost,
