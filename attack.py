@@ -8,6 +8,10 @@ import signal
 import sys
 from pathlib import Path
 
+# torch's C++ warnings (a store connection closed when a process of a multi-process run is
+# gone, say) print a native stack trace; the run reports such an end itself, in one line.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 
 def main(argv: list[str] | None = None) -> int:
     try:

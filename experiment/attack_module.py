@@ -5,7 +5,9 @@ The Trainer brings the devices, the processes (``--devices``, ``--strategy``,
 data set (``experiment.tries``); process r of W runs tries r, r + W, ..., each
 with randomness from its own index, and at the end the first process gathers
 every try's outcome and puts them in index order, so the summary is the one a
-single process computes, to the last bit.
+single process computes, to the last bit. The other processes send their tries as
+they finish them (``experiment.peers``), so a run whose process dies or is stopped
+still writes every try that was finished.
 
 Only testing is run, so Lightning wraps nothing in DistributedDataParallel: the
 victim's gradients stay each process's own (a DDP wrapper would average them
@@ -14,6 +16,7 @@ across processes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import warnings
@@ -24,6 +27,7 @@ import torch
 from pytorch_lightning.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
+from experiment.peers import Peers, next_run_key
 from experiment.runs import is_primary_process
 from experiment.tries import ShareOfTries, Tries
 from user_errors import UserError
@@ -42,6 +46,15 @@ class StopTries(Exception):
 
 def _raise_stop(signum, _frame):
     raise StopTries(signum)
+
+
+def _install_stop_handlers() -> dict:
+    return {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+#: the processes the first one started on its machine (Lightning starts them with the first
+#: stage's Trainer; later stages' Trainers find them running)
+_children: list = []
 
 
 class TriesProgressBar(ProgressBar):
@@ -98,7 +111,8 @@ class AttackExperiment(pl.LightningModule):
         self.victim = setup.model
         self.writer = writer
         self.outcomes: list = []
-        self.gathered: list | None = None
+        #: the other processes (several processes only)
+        self.peers: Peers | None = None
         #: the tries whose per-try scalars this process logged as they came
         self.logged: set[int] = set()
         self.live_scores: dict = {}
@@ -129,8 +143,26 @@ class AttackExperiment(pl.LightningModule):
     def on_test_start(self) -> None:
         from experiment.trial import new_scores
 
+        # Lightning's SIGTERM handler, installed by the Trainer, broadcasts to every process:
+        # a collective that never ends when one of them is gone. A signal stops this
+        # process's tries; the others learn of it through the store.
+        _install_stop_handlers()
         self.run_setup.device = self.device
         self.live_scores = new_scores(self.run_setup)
+        if self.trainer.world_size > 1:
+            launcher = self.trainer.strategy.launcher
+            if getattr(launcher, "procs", None):
+                _children[:] = launcher.procs
+            self.peers = Peers(
+                torch.distributed.distributed_c10d._get_default_store(),
+                self.global_rank,
+                self.trainer.world_size,
+                self.run_setup.config.num_tries,
+                next_run_key(),
+                children=_children if self.global_rank == 0 else (),
+            )
+            if self.global_rank:
+                self.peers.start_heartbeat()
 
     def test_step(self, batch, batch_idx):
         from experiment.trial import attack_try, log_try
@@ -147,22 +179,25 @@ class AttackExperiment(pl.LightningModule):
         if self.writer is not None:
             self.logged.add(outcome.index)
         log.debug("try %d: %s", outcome.index, outcome.record["methods"])
+        if self.peers is not None:
+            if self.global_rank:
+                self.peers.send(outcome)
+            else:
+                self.peers.poll()  # a process that died or stopped ends the run now
 
     def on_test_epoch_end(self) -> None:
-        if self.trainer.world_size == 1:
+        if self.peers is None:
             return
-        # Every process reaches this (the shares differ in length by at most one try, and
-        # nothing in a try waits for another process).
-        gathered = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(gathered, self.outcomes)
-        if self.trainer.is_global_zero:
-            self.gathered = [outcome for share in gathered for outcome in share]
+        if self.global_rank:
+            self.peers.end()
+        else:
+            self.peers.wait()
 
     def collected(self) -> list:
-        """Every try's outcome in index order (on the first process after a complete run;
-        after an interruption under several processes, only this process's own)."""
-        outcomes = self.gathered if self.gathered is not None else self.outcomes
-        return sorted(outcomes, key=lambda outcome: outcome.index)
+        """Every try's outcome in index order: on the first process, its own and every one the
+        others sent (all of them after a complete run)."""
+        received = self.peers.received if self.peers is not None and self.is_primary else []
+        return sorted(self.outcomes + received, key=lambda outcome: outcome.index)
 
 
 def build_trainer(config, logger=None) -> pl.Trainer:
@@ -180,11 +215,9 @@ def build_trainer(config, logger=None) -> pl.Trainer:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     strategy = config.strategy
     if config.devices * config.num_nodes > 1 and strategy in ("auto", "ddp"):
-        from pytorch_lightning.strategies import DDPStrategy
-
         # A peer that never comes (a node not started) ends the wait after --peer_timeout
         # seconds instead of torch's 30 minutes.
-        strategy = DDPStrategy(timeout=timedelta(seconds=config.peer_timeout))
+        strategy = _watched_ddp(timeout=timedelta(seconds=config.peer_timeout))
     try:
         return pl.Trainer(
             accelerator="gpu" if config.accelerator == "cuda" else config.accelerator,
@@ -203,6 +236,43 @@ def build_trainer(config, logger=None) -> pl.Trainer:
         )
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         raise UserError(f"trainer options: {' '.join(str(err).split())}") from None
+
+
+def _watched_ddp(**options):
+    """Lightning's DDP, less the thread its launcher starts to watch the processes it starts:
+    that thread SIGKILLs the first process within 5 s of any other's non-zero exit (a stopped
+    one's too), which would take every finished try with it. ``Peers`` watches them instead."""
+    from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
+    from pytorch_lightning.strategies import DDPStrategy
+    from pytorch_lightning.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    class Launcher(_SubprocessScriptLauncher):
+        def launch(self, function, *args, trainer=None, **kwargs):
+            self.cluster_environment.validate_settings(
+                num_devices=self.num_processes, num_nodes=self.num_nodes
+            )
+            if not self.cluster_environment.creates_processes_externally:
+                self._call_children_scripts()
+            _set_num_threads_if_needed(num_processes=self.num_processes)
+            return function(*args, **kwargs)
+
+    class Strategy(DDPStrategy):
+        def _configure_launcher(self) -> None:
+            super()._configure_launcher()
+            if type(self._launcher) is _SubprocessScriptLauncher:
+                self._launcher = Launcher(
+                    self.cluster_environment, self.num_processes, self.num_nodes
+                )
+
+    return Strategy(**options)
+
+
+def _how_it_stopped(err: BaseException) -> str:
+    if isinstance(err, StopTries):
+        return f"was stopped by {signal.Signals(err.signum).name}"
+    return f"failed: {' '.join(str(err).split())[:300] or type(err).__name__}"
 
 
 def peer_failure(config, err: BaseException) -> str:
@@ -225,14 +295,21 @@ def run_tries(module: AttackExperiment, logger=None) -> None:
     for extension in module.run_setup.extensions:
         extension.bind(module.run_dir, module.writer)
     # Installed just before the tries: a signal in between would skip writing results.json.
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = _install_stop_handlers()
     try:
         trainer.test(module, verbose=False)
     except BaseException as err:
-        launcher = trainer.strategy.launcher
-        if launcher is not None and hasattr(launcher, "kill"):
-            # The processes Lightning started would wait for this one at the gathering.
-            launcher.kill(signal.SIGKILL)
+        peers = module.peers
+        if peers is not None and module.global_rank:
+            peers.end(_how_it_stopped(err))
+        else:
+            if peers is not None:
+                with contextlib.suppress(Exception):
+                    peers.receive()  # what the others finished before this end
+            # The others cannot finish without this process: stop them now.
+            for child in _children + list(getattr(trainer.strategy.launcher, "procs", [])):
+                if child.poll() is None:
+                    child.kill()
         if isinstance(err, torch.distributed.DistError):
             raise UserError(peer_failure(config, err)) from None
         raise

@@ -363,6 +363,7 @@ def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -
     scalars, or None. Under several processes every one runs this and the first writes
     and returns the results; the others return None."""
     from experiment.attack_module import AttackExperiment, StopTries, run_tries
+    from experiment.peers import PeerFailed
 
     config = setup.config
     for note in setup.notes:
@@ -374,6 +375,9 @@ def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -
         run_tries(module, logger)
     except StopTries as err:
         status, stopped_by = "incomplete", Interrupted(err.signum)
+    except PeerFailed as err:
+        # Another process is gone: what it and this one finished is kept, as after Ctrl-C.
+        status, failure = "incomplete", str(err)
     except UserError as err:
         # Bad data found mid-run (say, a corrupt image file): keep what was done, marked as failed.
         status, failure = "failed", str(err)
@@ -396,8 +400,8 @@ def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -
     for extension in setup.extensions:
         extension.collect([(o.index, o.record.get(extension.key)) for o in outcomes])
     results = build_results(setup, scores, records, status, module.world_size)
-    if module.world_size > 1 and stopped_by is not None:
-        # The other processes' tries were lost with them: say which ones these are.
+    if module.world_size > 1 and status != "complete":
+        # Not every try was run: say which ones these are.
         results["try_indices"] = [outcome.index for outcome in outcomes]
     if failure is not None:
         results["error"] = failure
@@ -431,6 +435,11 @@ def run(setup: Setup, run_dir: Path | None, logger=None, table: dict = RESULT) -
     if affected:
         log.warning(
             "%d of %d tries had non-finite shared gradients (NaN/inf)", affected, len(records)
+        )
+    if failure is not None and status == "incomplete":
+        raise UserError(
+            f"{failure}; results.json keeps the {len(records)} finished tries of "
+            f"{config.num_tries}, marked incomplete"
         )
     if failure is not None:
         raise UserError(failure)

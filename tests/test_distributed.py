@@ -7,14 +7,18 @@ by the second process must equal the same try run alone.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import StreamWatcher
 
 #: what may differ between the runs: how they ran, not what they found
 HOW_IT_RAN = {"config", "seconds_per_try", "processes"}
@@ -110,3 +114,93 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def start_two_processes(tmp_path, num_tries):
+    """attack.py on two CPU processes, its progress bar read on a thread; returns (process,
+    stderr watcher) once 20 tries are done."""
+    cmd = [sys.executable, "attack.py", "--accelerator", "cpu", "--devices", "2", "--strategy"]
+    cmd += ["ddp", "--num_tries", str(num_tries), "--log_dir", str(tmp_path / "logs")]
+    cmd += ["--results", str(tmp_path / "results.json")]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "MASTER_PORT": str(free_port())},
+    )  # fmt: skip
+    stdout, stderr = StreamWatcher(proc.stdout), StreamWatcher(proc.stderr)
+    if not stderr.wait_for(f"20/{num_tries}", 240):
+        proc.kill()
+        pytest.fail(f"no 20 tries within 240 s: {stderr.text()[-2000:]}")
+    return proc, stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["worker", "first"])
+def test_a_process_that_dies_or_is_stopped_ends_the_run_within_seconds_keeping_every_try(
+    tmp_path, target
+):
+    """SIGKILL to the second process, or SIGTERM to the first while both work: the first
+    stops within seconds, prints the table, and results.json holds every try the two had
+    finished (the second's came as they were done), each the try a one-process run gives."""
+    proc, stdout, stderr = start_two_processes(tmp_path, 400)
+    try:
+        (worker,) = children_of(proc.pid)
+        os.kill(
+            worker if target == "worker" else proc.pid,
+            signal.SIGKILL if target == "worker" else signal.SIGTERM,
+        )
+        stopped = time.monotonic()
+        proc.wait(timeout=60)
+        ended_in = time.monotonic() - stopped
+        err = stderr.finish()
+    finally:
+        proc.kill()
+    assert ended_in < 20, ended_in
+    data = json.loads((tmp_path / "results.json").read_text())
+    done = data["tries_done"]
+    assert data["status"] == "incomplete" and 20 <= done < 400 and len(data["tries"]) == done
+    assert data["try_indices"] == sorted(data["try_indices"])
+    assert {i % 2 for i in data["try_indices"]} == {0, 1}  # both processes' tries
+    assert "Traceback" not in err and "decompose" in stdout.finish()
+    errors = [line for line in err.splitlines() if line.startswith("attack.py: error:")]
+    if target == "worker":
+        assert proc.returncode == 2
+        assert len(errors) == 1 and re.fullmatch(
+            rf"attack\.py: error: process 1 of 2 \(pid {worker}\) was killed by SIGKILL after "
+            rf"\d+ tries; results\.json keeps the {done} finished tries of 400, marked incomplete",
+            errors[0],
+        ), errors
+        assert data["error"].startswith(f"process 1 of 2 (pid {worker}) was killed by SIGKILL")
+    else:
+        assert proc.returncode == 143 and errors == []
+        assert f"interrupted (SIGTERM) after {done} of 400 tries" in err
+    # Each try is a function of (seed, index) alone: the first ten are a ten-try run's.
+    if target == "worker":
+        ten, _ = attack_process(tmp_path, "ten", "--num_tries", "10")
+        kept = dict(zip(data["try_indices"], data["tries"]))
+        for index, record in enumerate(ten["tries"]):
+            if index in kept:
+                assert kept[index]["true_counts"] == record["true_counts"]
+                assert kept[index]["methods"] == record["methods"]
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc; Lightning starts the second at once)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = [
+            int(path.parent.name)
+            for path in Path("/proc").glob("[0-9]*/stat")
+            if _parent_of(path) == pid
+        ]
+        if found:
+            return found
+        time.sleep(0.1)
+    return []
+
+
+def _parent_of(stat_path) -> int | None:
+    try:
+        # "pid (name) state ppid ...": the name may hold spaces, so split after its ")"
+        return int(stat_path.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
