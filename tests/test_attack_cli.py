@@ -135,7 +135,16 @@ def test_imagenet_sample(tmp_path, shared_data, model):
             "--split",
             "val",
         ),
-        *("--model", model, "--num_images", "24", "--num_tries", "2"),
+        # VGG-16's forward and backward pass on 24 images of 224 x 224 is most of the time: one
+        # batch shows it as well as two.
+        *(
+            "--model",
+            model,
+            "--num_images",
+            "24",
+            "--num_tries",
+            "2" if model == "resnet50" else "1",
+        ),
     )
     assert results["summary"]["iLRG"] == {
         "LeAcc": 1.0,

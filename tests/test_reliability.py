@@ -98,6 +98,7 @@ def test_interrupted_run_keeps_finished_tries_marked_incomplete(tmp_path):
     assert json.loads((run_dir / "results.json").read_text()) == data
     assert not list(run_dir.glob(".results.json.*"))  # no temporary file left behind
     assert "marked incomplete" in err
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err
 
 
 def test_non_finite_gradients_give_defined_results(tmp_path):
