@@ -157,7 +157,6 @@ class AttackExperiment(pl.LightningModule):
                 torch.distributed.distributed_c10d._get_default_store(),
                 self.global_rank,
                 self.trainer.world_size,
-                self.run_setup.config.num_tries,
                 next_run_key(),
                 children=_children if self.global_rank == 0 else (),
             )

@@ -59,14 +59,13 @@ def describe_exit(returncode: int) -> str:
 
 @dataclass
 class Peers:
-    """One run's view of the store: ``rank`` of ``world_size`` processes, ``num_tries`` tries
-    shared by index (process r runs r, r + W, ...). ``children``: the processes this one
-    started on its machine (Popen objects of ranks 1, 2, ...), watched directly."""
+    """One run's view of the store: ``rank`` of ``world_size`` processes, which share the tries
+    by index (process r runs r, r + W, ..., in that order). ``children``: the processes this
+    one started on its machine (Popen objects of ranks 1, 2, ...), watched directly."""
 
     store: object
     rank: int
     world_size: int
-    num_tries: int
     key: str
     children: Sequence = ()
     received: list = field(default_factory=list)
