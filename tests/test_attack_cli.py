@@ -58,8 +58,11 @@ def test_default_run_is_the_first_experiment_on_synthetic_mnist(tmp_path):
 
 
 def test_runs_never_overwrite_each_other(tmp_path):
-    run_attack(tmp_path, "--num_tries", "1", "--exp_name", "again")
-    run_attack(tmp_path, "--num_tries", "1", "--exp_name", "again")
+    import attack
+
+    argv = ["--num_tries", "1", "--exp_name", "again", "--quiet", "--no-compare"]
+    argv += ["--log_dir", str(tmp_path / "logs")]
+    assert attack.main(argv) == 0 and attack.main(argv) == 0  # in process: the folders matter
     assert sorted(d.name for d in (tmp_path / "logs" / "again").iterdir()) == [
         "version_0",
         "version_1",
