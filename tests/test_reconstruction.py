@@ -402,11 +402,12 @@ def test_attack_py_reconstructs_with_ilrg_labels_and_writes_the_png(tmp_path):
 @pytest.mark.slow
 def test_ilrg_labels_beat_guessed_labels_on_real_mnist(tmp_path, shared_data):
     # The paper's point on the same batch, weights and initial images: FCN-3, 8 real MNIST
-    # test images, 8000 iterations (the default; about 15 s of CPU per run). The baseline is
-    # the original code's: one soft label optimised for the whole batch.
+    # test images, 2000 iterations (a quarter of the default; the README's seeds 0-9 use the
+    # same). The baseline is the original code's: one soft label optimised for the whole batch.
     common = (
         *("--dataset", "MNIST_GRAY", "--data_root", str(shared_data), "--split", "val"),
         *("--num_images", "8", "--num_tries", "1", "--no-compare", "--rec_img"),
+        *("--max_iterations", "2000"),
     )
     guessed = run_attack(tmp_path / "guessed", *common)  # the default: one soft label for the batch
     fixed = run_attack(tmp_path / "fixed", *common, "--fix_labels")
@@ -416,9 +417,8 @@ def test_ilrg_labels_beat_guessed_labels_on_real_mnist(tmp_path, shared_data):
     assert sorted(fixed["tries"][0]["reconstruction"]["labels"]) == true_labels  # iLRG is exact
     assert len(set(guessed["tries"][0]["reconstruction"]["labels"])) == 1
     psnr_fixed, psnr_guessed = fixed["reconstruction"]["PSNR"], guessed["reconstruction"]["PSNR"]
-    # measured 41.3 vs 21.0 dB with torch 2.14 (42.1 vs 18.5 dB with an earlier torch)
+    # measured 31.0 vs 15.8 dB (torch 2.14.1, issue 24's batch); over seeds 0-9 the margin
+    # was 9.7 to 29.2 dB, so this bound is this batch's, not a law
     assert psnr_fixed > psnr_guessed + 10, (psnr_fixed, psnr_guessed)
-    # SSIM does not order the two on this batch: the batch label's smooth, blurred digits
-    # score 0.94 at 21 dB, while faint noise on the black background of three of the fixed
-    # run's images (29-36 dB) costs them SSIM 0.74-0.80. A bound on the fixed run's mean:
-    assert fixed["reconstruction"]["SSIM"] >= 0.85  # measured 0.903 (0.92 earlier)
+    # and SSIM orders them the same way here (measured 0.737 vs 0.599)
+    assert fixed["reconstruction"]["SSIM"] > guessed["reconstruction"]["SSIM"] + 0.05
