@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
 #: seconds the interpreter may take to shut down after an interruption before the exit is forced
 EXIT_GRACE_SECONDS = 30
@@ -35,14 +36,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from experiment.options import parse_args
-    from lightning_modules.train_cli import build_parser
+    from experiment.train_cli import build_parser
 
     args = parse_args(build_parser(), argv)
+    from experiment.runs import check_output_dir
     from lightning_modules.training import TrainingInterrupted, train
     from user_errors import UserError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if not args.dryrun:
+            # Before any work: a run must not train for hours and then fail to save its
+            # checkpoints.
+            check_output_dir(args.model_path, "--model_path")
+            check_output_dir(Path(args.log_dir) / args.exp_name, "--log_dir")
         saved = train(args)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""The experiment harness of ``attack.py`` (options, runner, stage sweep, tables) and the plumbing
-both entry points share: user-facing errors, ``--config`` parsing and run folders.
+"""The harnesses of the entry points: ``attack.py``'s (options, runner, stage sweep, tables),
+``train.py``'s options (``train_cli``), and the plumbing both share: ``--config`` parsing and
+run folders. The packages below it (attacks, datamodules, lightning_modules, callbacks) import
+nothing from here.
 
-Importing the package loads only ``errors``, which every package raises; the harness modules are
+Importing the package loads only ``user_errors``' ``UserError``; the harness modules are
 imported by name.
 """
 

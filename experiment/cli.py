@@ -21,7 +21,7 @@ from experiment.options import (
     positive_int,
 )
 from experiment.reconstruction import add_reconstruction_arguments
-from lightning_modules.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_MODEL_PATH
+from experiment.train_cli import DEFAULT_EPOCHS, DEFAULT_ITERS, DEFAULT_MODEL_PATH
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """The victim networks and the LightningModule that trains them.
 
-The exports load on first use (PEP 562): ``train.py``'s and ``attack.py``'s option parsers
-read ``lightning_modules.train_cli`` before torch, torchvision or Lightning is imported.
+The exports load on first use (PEP 562): ``attack.py``'s option parser reads
+``lightning_modules.train_config`` (through ``experiment.train_cli``) before torch,
+torchvision or Lightning is imported.
 """
 
 __all__ = ["NETWORKS", "VictimClassifier", "VictimNetwork", "build_network", "check_network_fits"]

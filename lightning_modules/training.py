@@ -259,16 +259,12 @@ def build_trainer(config: TrainConfig, callbacks: list[Callback]) -> pl.Trainer:
 
 
 def train(config: TrainConfig) -> list[Path]:
-    """Check everything, then train; returns the stage checkpoints in ``model_path`` of this run."""
+    """Check everything, then train; returns the stage checkpoints in ``model_path`` of this run.
+    (``train.py`` checks first that ``--model_path`` and ``--log_dir`` can be written.)"""
     from datamodules import dataset_info
-    from experiment.runs import check_output_dir
     from lightning_modules.classifier import VictimClassifier
     from lightning_modules.networks import check_network_fits
 
-    if not config.dryrun:
-        # Before any work: a run must not train for hours and then fail to save its checkpoints.
-        check_output_dir(config.model_path, "--model_path")
-        check_output_dir(Path(config.log_dir) / config.exp_name, "--log_dir")
     num_classes, input_shape, synthetic = dataset_info(config.dataset)
     check_network_fits(
         config.model, tuple(input_shape), **{n: getattr(config, n) for n in NETWORK_OPTIONS}

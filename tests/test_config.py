@@ -9,7 +9,7 @@ import pytest
 from experiment.cli import build_parser
 from experiment.config import AttackConfig
 from experiment.options import parse_args
-from lightning_modules.train_cli import build_parser as build_train_parser
+from experiment.train_cli import build_parser as build_train_parser
 from lightning_modules.train_config import TrainConfig
 from tests.conftest import REPO
 from tests.test_architecture import PACKAGES

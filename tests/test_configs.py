@@ -6,7 +6,7 @@ import pytest
 
 from experiment.cli import build_parser
 from experiment.options import load_config
-from lightning_modules.train_cli import build_parser as build_train_parser
+from experiment.train_cli import build_parser as build_train_parser
 from tests.conftest import REPO
 
 PRESETS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -394,7 +394,7 @@ def test_load_victim_maps_every_bad_file_to_one_line(tmp_path, good_checkpoint):
 
 def test_train_and_attack_share_network_option_defaults():
     from experiment.cli import build_parser as attack_parser
-    from lightning_modules.train_cli import build_parser as train_parser
+    from experiment.train_cli import build_parser as train_parser
 
     train_defaults, attack_defaults = (
         vars(train_parser().parse_args([])),
@@ -411,7 +411,7 @@ def test_train_and_attack_share_network_option_defaults():
 def test_presets_are_valid_configs():
     from experiment.cli import build_parser as attack_parser
     from experiment.options import load_config
-    from lightning_modules.train_cli import build_parser as train_parser
+    from experiment.train_cli import build_parser as train_parser
 
     presets = sorted((REPO / "configs" / "train_stage").glob("*.yaml"))
     assert [p.name for p in presets] == [
