@@ -189,11 +189,11 @@ def _partial_shuffle(
     cost is O(K), not the segment's length. The swaps depend on each other, which is
     why this one loop runs over the K samples in Python (a few microseconds each).
     """
-    spans = (highs - lows).to(torch.float64)
-    # float64 uniforms carry 53 random bits: the bias of floor(u * n) is below n / 2**53.
-    picks = (
-        lows + (torch.rand(lows.numel(), dtype=torch.float64, generator=generator) * spans).long()
-    )
+    spans = highs - lows
+    # float64 uniforms carry 53 random bits: the bias of floor(u * n) is below n / 2**53. The
+    # product of the largest u below 1 and a large n can round up to n itself: clamped.
+    uniforms = torch.rand(lows.numel(), dtype=torch.float64, generator=generator)
+    picks = lows + torch.minimum((uniforms * spans).long(), spans - 1)
     moved: dict[int, int] = {}
     taken = []
     for low, pick in zip(lows.tolist(), picks.tolist()):
