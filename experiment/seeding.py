@@ -9,17 +9,14 @@ the stream's name through numpy's ``SeedSequence``, whose outputs for nearby
 inputs are uncorrelated (seed 1, try 0 is not seed 0, try 1).
 
 The batches themselves come from ``ComposedBatchSampler.batch(i)``, whose generator is
-keyed by (seed, i) the same way (``keyed_generator``): a process draws only its own
-tries' batches, each in O(K), when it reaches them.
+keyed by (seed, i) the same way (``datamodules.composition.keyed_generator``): a process
+draws only its own tries' batches, each in O(K), when it reaches them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-# batches and a Flower client's streams are keyed the composition's way; re-exported here
-from datamodules.composition import keyed_generator  # noqa: F401
 
 #: the randomised parts of a try, each with its own stream
 STREAMS = ("guess", "defense", "client")

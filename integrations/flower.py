@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from attacks.local_update import LocalTraining
-from experiment.seeding import keyed_generator
+from datamodules.composition import keyed_generator
 from integrations.audit import LeakageAudit, loaded, shared_from_update
 from integrations.audit_log import AuditLog
 from user_errors import UserError

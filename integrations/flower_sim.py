@@ -385,7 +385,7 @@ CLIENT_STREAM = 7
 
 def client_generator(seed: int, server_round: int, client: int):
     """Client ``client``'s shuffles in round ``server_round``: from (seed, round, client) alone."""
-    from experiment.seeding import keyed_generator
+    from datamodules.composition import keyed_generator
 
     return keyed_generator(seed, server_round, client, CLIENT_STREAM)
 

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from experiment import peers as peers_module
-from experiment.peers import FINISHED, PeerFailed, Peers, describe_exit
+from experiment.peers import PeerFailed, Peers, describe_exit
 
 
 @dataclass
@@ -119,4 +119,3 @@ def test_exits_are_described_by_signal_or_code():
     assert describe_exit(-int(signal.SIGKILL)) == "was killed by SIGKILL"
     assert describe_exit(143) == "exited with code 143 (SIGTERM)"
     assert describe_exit(2) == "exited with code 2"
-    assert FINISHED == "finished"
