@@ -340,6 +340,14 @@ class ILRG:
             return self._restore(shared)
 
     def _restore(self, shared: SharedGradients) -> Restoration:
+        raw, unknowns, usable = self.solve(shared)
+        counts = round_counts(raw, shared.num_images)
+        adjusted = adjust_to_total(raw, counts, shared.num_images, eligible=unknowns)
+        return Restoration.from_counts(counts, adjusted, undetermined=~usable)
+
+    def solve(self, shared: SharedGradients) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The least-squares counts before rounding (float64), which classes were unknowns
+        and which had a usable embedding. For an attack that builds on iLRG's estimate."""
         num_classes = shared.num_classes
         # The small operands in float64 once (the helpers would each convert them again).
         bias_grad, weight, bias = (
@@ -389,6 +397,4 @@ class ILRG:
             unknowns = unknowns & known
             equations = equations & known
         raw = solve_counts(probabilities, bias_grad, shared.num_images, unknowns, equations)
-        counts = round_counts(raw, shared.num_images)
-        adjusted = adjust_to_total(raw, counts, shared.num_images, eligible=unknowns)
-        return Restoration.from_counts(counts, adjusted, undetermined=~usable)
+        return raw, unknowns, usable
