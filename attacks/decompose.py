@@ -53,7 +53,7 @@ from torch import nn
 from attacks.consistency import Consistency, accepted, determined, most_determined, new_samples
 from attacks.cpu_threads import one_cpu_thread
 from attacks.gradients import last_linear_layer
-from attacks.ilrg import ILRG, adjust_to_total
+from attacks.ilrg import ILRG, adjust_to_total, round_counts
 from attacks.observation import Restoration, SharedGradients
 from attacks.registry import register_attack
 from attacks.rlg import rounding_of, sketched_svd
@@ -529,7 +529,7 @@ def settle(
     Each search judged its candidates beside samples still unknown, whose terms the peel
     and the joint fit can mistake for a candidate's (an untrained model: every g_n near
     W^T (1/C - onehot(y_n)), much alike), and a label taken is never looked at again.
-    Here, with the s samples' inputs x_n known, the gradient's leading K directions
+    Here, with the s samples' inputs x_n known, the gradient's resolved directions
     (coordinates c_n of x_n) give K G = sum_known g_n c_n^T + sum_unknown g_m c_m^T.
     The least-squares g_n of the known ones carry the unknown samples' terms only
     inside span{g_m}, and that span is exactly the column space of what the known
@@ -566,12 +566,8 @@ def settle(
         left, singular, _ = torch.linalg.svd(target - solved.T @ known, full_matrices=False)
         room = max(num_images - keep.numel(), 0)
         nuisance = left[:, : min(room, int((singular > threshold).sum()))]  # out x q
-        if route is None:
-            distance = label_distances(solved, probabilities[keep], nuisance)
-        else:
-            distance = label_distances(
-                solved, probabilities[keep], nuisance, (route[0], route[1][keep])
-            )
+        restricted = None if route is None else (route[0], route[1][keep])
+        distance = label_distances(solved, probabilities[keep], nuisance, restricted)
         nearest = distance.topk(2, dim=1, largest=False)
         best, second = nearest.values[:, 0], nearest.values[:, 1]
         labels = nearest.indices[:, 0]
@@ -981,14 +977,17 @@ class Decompose:
         on 1 of 50 and on none of the 90 trained-victim batches measured (README).
         """
         device = shared.bias_grad.device
-        whole = self.fallback(shared)
+        # iLRG solved once: its rounded counts, its K labels and the raw estimate that orders
+        # the surplus all come from the same solve.
+        raw, unknowns, _ = self.fallback.solve(shared)
+        estimate = round_counts(raw, shared.num_images)
+        adjusted = adjust_to_total(raw, estimate, shared.num_images, eligible=unknowns)
         if len(samples) == 0:
             return Restoration.from_counts(
-                whole.counts, whole.adjusted_counts, sample_labels=samples.labels.to(device)
+                estimate, adjusted, sample_labels=samples.labels.to(device)
             )
-        raw, _, _ = self.fallback.solve(shared)
         proven = torch.bincount(samples.labels, minlength=shared.num_classes)
-        counts = proven_counts(raw.cpu(), whole.adjusted_counts.cpu(), proven, shared.num_images)
+        counts = proven_counts(raw.cpu(), adjusted.cpu(), proven, shared.num_images)
         counts = counts.to(device)
         return Restoration.from_counts(counts, counts, sample_labels=samples.labels.to(device))
 
